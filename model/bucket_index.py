@@ -1,0 +1,112 @@
+"""Per-sequence sorted bucket order for cached LSH decoding, updated without re-sorting the past.
+
+A decode step needs the window of a new token in the order of (bucket, position) of every token so far,
+for each head and hash round: the `chunk * (1 + before + after)` tokens whose ranks start at
+`(rank // chunk - before) * chunk`, counted modulo the length (the reference's cached step). Keeping that
+order in one sorted array would cost a shift of O(length) per token, and the reference re-sorts everything.
+
+Here each (slot, head, round) row holds:
+- `main`: the keys `bucket << POS_BITS | position` of the older tokens, sorted;
+- `tail`: the keys of up to `tail_capacity` recent tokens, unsorted (positions only grow, so they are simply
+  appended).
+A step finds ranks with binary searches (main) and a sort of the short tail, and gathers a fixed number of
+candidates: O(window + tail + log length) work whatever the length. When a tail fills up it is merged into
+`main` (O(length), once every `tail_capacity` tokens). All shapes are fixed, so a step can be replayed from
+a CUDA graph.
+
+So that one 1-D binary search serves every row, `main` stores `row << ROW_SHIFT | key` and pads each row
+with that row's largest value: the whole pool is then one sorted array.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+POS_BITS = 21  # positions < 2**21
+ROW_SHIFT = 36  # keys < 2**(15 + 21)
+POS_MASK = (1 << POS_BITS) - 1
+TAIL_PAD = (1 << ROW_SHIFT) - 2  # larger than any real key, smaller than a row's main padding
+
+
+def bucket_keys(buckets: Tensor, positions: Tensor) -> Tensor:
+    return (buckets.to(torch.int64) << POS_BITS) | positions.to(torch.int64)
+
+
+class BucketIndex:
+    """Sorted bucket order for every slot of one LSH layer."""
+
+    def __init__(self, slots: int, heads: int, rounds: int, max_length: int, tail_capacity: int,
+                 device: torch.device):
+        self.shape = (slots, heads, rounds)
+        self.max_length = max_length
+        self.tail_capacity = tail_capacity
+        rows = torch.arange(slots * heads * rounds, device=device, dtype=torch.int64).view(slots, heads, rounds, 1)
+        self.row_offset = rows << ROW_SHIFT
+        self.row_start = rows * max_length  # flat index of each row's first main element
+        self.row_pad = self.row_offset + (1 << ROW_SHIFT) - 1
+        self.main = self.row_pad.expand(slots, heads, rounds, max_length).contiguous()
+        self.main_flat = self.main.view(-1)
+        self.tail = torch.full((slots, heads, rounds, tail_capacity), TAIL_PAD, dtype=torch.int64, device=device)
+
+    # ---- host-driven maintenance (outside the decode step) --------------------------------------------
+    def build(self, slot: int, buckets: Tensor) -> None:
+        """Start a slot from the raw buckets (heads, rounds, length) of its prompt."""
+        length = buckets.shape[-1]
+        positions = torch.arange(length, device=buckets.device)
+        keys = torch.sort(bucket_keys(buckets, positions), dim=-1).values
+        self.main[slot].copy_(self.row_pad[slot].expand_as(self.main[slot]))
+        self.main[slot, :, :, :length] = keys + self.row_offset[slot]
+        self.tail[slot].fill_(TAIL_PAD)
+
+    def merge(self, slot: int, main_length: int, tail_length: int) -> None:
+        """Fold a full tail into the sorted main array of a slot."""
+        offset = self.row_offset[slot]
+        keys = torch.cat([self.main[slot, :, :, :main_length] - offset, self.tail[slot, :, :, :tail_length]], -1)
+        self.main[slot, :, :, : main_length + tail_length] = torch.sort(keys, dim=-1).values + offset
+        self.tail[slot].fill_(TAIL_PAD)
+
+    # ---- inside the decode step (fixed shapes, no host synchronisation) --------------------------------
+    def append(self, slots: Tensor, tail_length: Tensor, keys: Tensor) -> None:
+        """Write each row's new key (B, heads, rounds) at its tail position."""
+        self.tail[slots, :, :, tail_length] = keys
+
+    def window(self, slots: Tensor, main_length: Tensor, tail_length: Tensor, new_index: Tensor,
+               chunk: int, before: int, after: int) -> Tensor:
+        """Positions (B, heads, rounds, window) of the new token's window in sorted order.
+
+        main_length/tail_length: (B,) counts after the new token was appended to the tail;
+        new_index: (B,) the new token's index in the tail.
+        """
+        width = chunk * (1 + before + after)
+        capacity = self.tail_capacity
+        device = slots.device
+        length = (main_length + tail_length).view(-1, 1, 1, 1)
+        tail = self.tail[slots]  # (B, H, R, T), unsorted, padded with TAIL_PAD
+        sorted_tail = torch.sort(tail, dim=-1).values
+        row_offset = self.row_offset[slots]
+        row_start = self.row_start[slots]
+        # Rank of every tail key among all keys: main keys below it + tail keys below it.
+        below_in_main = torch.searchsorted(self.main_flat, tail + row_offset) - row_start
+        tail_rank = below_in_main + torch.searchsorted(sorted_tail, tail)
+        new_rank = tail_rank.gather(-1, new_index.view(-1, 1, 1, 1).expand(*tail.shape[:3], 1))
+        start = (torch.div(new_rank, chunk, rounding_mode="floor") - before) * chunk  # (B, H, R, 1)
+        # Main entries that can hold a window rank: indices start - tail .. start + width, modulo length.
+        candidate = torch.remainder(
+            start - tail_length.view(-1, 1, 1, 1) + torch.arange(width + capacity, device=device), length)
+        in_main = candidate < main_length.view(-1, 1, 1, 1)
+        flat = row_start + candidate.clamp(max=self.max_length - 1)
+        candidate_key = self.main_flat[flat] - row_offset
+        candidate_rank = candidate + torch.searchsorted(sorted_tail, candidate_key)
+        # Place every entry whose rank falls in the window at its offset; the rest go to a spill column.
+        slots_out = torch.zeros(*tail.shape[:3], width + 1, dtype=torch.int64, device=device)
+        main_offset = torch.remainder(candidate_rank - start, length)
+        main_offset = torch.where(in_main & (main_offset < width), main_offset, width)
+        slots_out.scatter_(-1, main_offset, candidate_key & POS_MASK)
+        tail_offset = torch.remainder(tail_rank - start, length)
+        in_tail = torch.arange(capacity, device=device) < tail_length.view(-1, 1, 1, 1)
+        tail_offset = torch.where(in_tail & (tail_offset < width), tail_offset, width)
+        slots_out.scatter_(-1, tail_offset, tail & POS_MASK)
+        # Ranks repeat modulo a length shorter than the window (the reference gathers duplicates then).
+        wrap = torch.remainder(torch.arange(width, device=device), length)
+        return slots_out.gather(-1, wrap.expand(*tail.shape[:3], width))

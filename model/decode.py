@@ -1,0 +1,338 @@
+"""Incremental decoding with cached LSH buckets over a pool of preallocated sequence slots.
+
+Step semantics are the reference's cached step (transformers' `past_buckets_states`), made correct for
+batches and cheap for long contexts:
+- local layers attend to the cached keys/values of the current and `before` previous chunks;
+- LSH layers attend, per hash round, to the window of `chunk * (1 + before + after)` tokens around the new
+  token in (bucket, position) order, ranks taken modulo the length, with the self-mask only, and combine
+  the rounds through their log-sum-exp; until a sequence has reached the LSH chunk length it attends to
+  all its tokens instead (the reference's empty bucket cache).
+The cache keeps projected keys and values (not the reference's hidden states), and a `BucketIndex` per LSH
+layer, so a step costs the same at any context length. Slots are independent: a scheduler can add and
+evict sequences between steps without touching the others.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .attention import hash_vectors, mask_values, normalize_keys, softmax_with_lse
+from .bucket_index import BucketIndex, bucket_keys
+from .reformer import ReformerLM
+
+
+class ContextLengthError(ValueError):
+    """A request does not fit the model's (or the pool's) context."""
+
+
+@dataclass
+class SlotState:
+    """Host-side bookkeeping of one sequence slot (mirrors what the device tensors hold)."""
+
+    length: int = 0  # tokens cached
+    main_length: int = 0  # tokens in the sorted part of the bucket index
+    tail_length: int = 0  # tokens in its unsorted tail
+    hashed: bool = False  # the reference's "bucket cache is non-empty"
+    active: bool = False
+
+
+@dataclass
+class PrefillResult:
+    last_logits: Tensor  # (n, vocab) fp32, logits after each prompt's last token
+    prompt_logits: list[Tensor] = field(default_factory=list)  # per prompt (length, vocab) when asked for
+
+
+class Decoder:
+    """A slot pool over one model: prefill prompts into slots, then step many slots at once."""
+
+    def __init__(self, model: ReformerLM, num_slots: int, max_length: int | None = None, *,
+                 tail_capacity: int = 64, cuda_graphs: bool | None = None):
+        config = model.config
+        if not config.is_decoder:
+            raise ValueError("incremental decoding needs a causal model (is_decoder=True)")
+        self.model = model
+        self.config = config
+        self.num_slots = num_slots
+        self.max_length = min(max_length or config.max_positions, config.max_positions)
+        self.tail_capacity = tail_capacity
+        device, dtype = model.device, model.dtype
+        self.device = device
+        heads, size = config.num_attention_heads, config.attention_head_size
+        # One spare slot at the end absorbs the padding rows of a graphed batch.
+        total = num_slots + 1
+        self.scratch_slot = num_slots
+        self.keys = [torch.zeros(total, heads, self.max_length, size, dtype=dtype, device=device)
+                     for _ in config.attn_layers]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.index: list[BucketIndex | None] = [
+            BucketIndex(total, heads, config.num_hashes, self.max_length, tail_capacity, device)
+            if kind == "lsh" else None for kind in config.attn_layers]
+        self.slots = [SlotState() for _ in range(num_slots)]
+        self._free = list(range(num_slots))
+        use_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self._graphs = _GraphCache(self) if use_graphs else None
+
+    # ---- slots ----------------------------------------------------------------------------------------
+    def allocate(self) -> int | None:
+        """A free slot, or None when the pool is full."""
+        if not self._free:
+            return None
+        slot = self._free.pop(0)
+        self.slots[slot] = SlotState(active=True)
+        return slot
+
+    def free(self, slot: int) -> None:
+        if self.slots[slot].active:
+            self.slots[slot] = SlotState()
+            self._free.append(slot)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def check_fits(self, prompt_length: int, max_new_tokens: int) -> None:
+        """Refuse up front a request that would run past the context (never mid-generation)."""
+        if prompt_length < 1:
+            raise ContextLengthError("the prompt must hold at least one token")
+        total = prompt_length + max_new_tokens
+        if total > self.max_length:
+            raise ContextLengthError(
+                f"prompt of {prompt_length} tokens plus {max_new_tokens} new tokens = {total} exceeds the "
+                f"maximum context of {self.max_length} tokens")
+
+    # ---- prefill --------------------------------------------------------------------------------------
+    def prefill(self, prompts: Sequence[tuple[int, Sequence[int]]], *, prompt_logits: bool = False) -> PrefillResult:
+        """Run prompts (slot, token ids) through the full forward and fill their slots."""
+        job = self.prefill_steps(prompts, prompt_logits=prompt_logits)
+        while True:
+            try:
+                next(job)
+            except StopIteration as done:
+                return done.value
+
+    def prefill_steps(self, prompts: Sequence[tuple[int, Sequence[int]]], *,
+                      prompt_logits: bool = False) -> Iterator[None]:
+        """Generator form of `prefill`: yields after every layer so other work can run in between.
+
+        Prompts are grouped by padded length: a group then computes exactly what each prompt would alone.
+        """
+        config, model = self.config, self.model
+        for slot, ids in prompts:
+            if not self.slots[slot].active:
+                raise ValueError(f"slot {slot} is not allocated")
+            if len(ids) > self.max_length or len(ids) < 1:
+                raise ContextLengthError(f"prompt of {len(ids)} tokens does not fit 1..{self.max_length}")
+        order = sorted(range(len(prompts)), key=lambda i: config.padded_length(len(prompts[i][1])))
+        last = [None] * len(prompts)
+        every = [None] * len(prompts)
+        groups: dict[int, list[int]] = {}
+        for i in order:
+            groups.setdefault(config.padded_length(len(prompts[i][1])), []).append(i)
+        with torch.inference_mode():
+            for padded, members in groups.items():
+                ids = torch.full((len(members), padded), config.pad_token_id, dtype=torch.long)
+                mask = torch.zeros(len(members), padded, dtype=torch.bool)
+                for row, i in enumerate(members):
+                    tokens = torch.as_tensor(list(prompts[i][1]), dtype=torch.long)
+                    ids[row, : len(tokens)] = tokens
+                    mask[row, : len(tokens)] = True
+                ids, mask = ids.to(self.device), mask.to(self.device)
+                attention_mask = None if bool(mask.all()) else mask
+                x1 = x2 = None
+                for layer, x1, x2, kv in model.layer_states(ids, attention_mask, want_kv=True):
+                    for row, i in enumerate(members):
+                        slot, length = prompts[i][0], len(prompts[i][1])
+                        self.keys[layer][slot, :, :length] = kv.keys[row, :, :length]
+                        self.values[layer][slot, :, :length] = kv.values[row, :, :length]
+                        if self.index[layer] is not None:
+                            self.index[layer].build(slot, kv.buckets[row, :, :, :length])
+                    yield
+                hidden = model.final_hidden(x1, x2)
+                for row, i in enumerate(members):
+                    slot, length = prompts[i][0], len(prompts[i][1])
+                    state = self.slots[slot]
+                    state.length = state.main_length = length
+                    state.tail_length = 0
+                    state.hashed = padded > config.lsh_attn_chunk_length
+                    last[i] = model.logits(hidden[row, length - 1]).float()
+                    if prompt_logits:
+                        every[i] = model.logits(hidden[row, :length]).float()
+        return PrefillResult(torch.stack(last), [t for t in every if t is not None])
+
+    # ---- decode step ----------------------------------------------------------------------------------
+    def step(self, slots: Sequence[int], tokens: Sequence[int]) -> Tensor:
+        """Append one token to each listed slot; returns next-token logits (B, vocab) in fp32."""
+        if len(slots) != len(tokens) or not slots:
+            raise ValueError("step needs one token per slot and at least one slot")
+        states = [self.slots[s] for s in slots]
+        for slot, state in zip(slots, states):
+            if not state.active or state.length < 1:
+                raise ValueError(f"slot {slot} has no prefilled sequence")
+            if state.length >= self.max_length:
+                raise ContextLengthError(f"slot {slot} is full ({self.max_length} tokens)")
+        inputs = torch.tensor(
+            [list(tokens), list(slots), [s.length for s in states], [s.main_length for s in states],
+             [s.tail_length for s in states], [int(s.hashed) for s in states]], dtype=torch.long)
+        if self._graphs is not None:
+            logits = self._graphs.run(inputs)
+        else:
+            logits = self.step_tensors(*inputs.to(self.device))
+        chunk = self.config.lsh_attn_chunk_length
+        for slot, state in zip(slots, states):
+            state.length += 1
+            state.tail_length += 1
+            state.hashed = state.hashed or state.length >= chunk
+            if state.tail_length == self.tail_capacity:
+                self._merge(slot)
+        return logits
+
+    def _merge(self, slot: int) -> None:
+        state = self.slots[slot]
+        with torch.inference_mode():
+            for index in self.index:
+                if index is not None:
+                    index.merge(slot, state.main_length, state.tail_length)
+        state.main_length += state.tail_length
+        state.tail_length = 0
+
+    @torch.inference_mode()
+    def step_tensors(self, tokens: Tensor, slots: Tensor, positions: Tensor, main_length: Tensor,
+                     tail_length: Tensor, hashed: Tensor) -> Tensor:
+        """The step as pure tensor work (no host synchronisation): safe to capture in a CUDA graph.
+
+        All arguments are (B,) int64 on the model's device; `positions` is each slot's current length.
+        """
+        model = self.model
+        x = model.embed(tokens.unsqueeze(1), positions.unsqueeze(1))  # (B, 1, hidden)
+        x1 = x2 = x
+        for layer, block in enumerate(model.layers):
+            h = block.attn_norm(x2)[:, 0]
+            if block.kind == "lsh":
+                context = self._lsh_step(layer, block.attn, h, slots, positions, main_length, tail_length,
+                                         hashed.bool())
+            else:
+                context = self._local_step(layer, block.attn, h, slots, positions)
+            x1 = x1 + block.attn.out(context).unsqueeze(1)
+            x2 = x2 + block.ff(x1)
+        return model.logits(model.final_hidden(x1, x2)[:, 0]).float()
+
+    def _gather(self, cache: Tensor, slots: Tensor, positions: Tensor) -> Tensor:
+        """cache (S, H, L, d); positions (B, H, ..., W) -> (B, H, ..., W, d)."""
+        total, heads, length, size = cache.shape
+        base = (slots.view(-1, 1) * heads + torch.arange(heads, device=slots.device)) * length  # (B, H)
+        base = base.view(*base.shape, *([1] * (positions.dim() - 2)))
+        return cache.view(-1, size)[base + positions]
+
+    def _local_step(self, layer: int, attn, h: Tensor, slots: Tensor, positions: Tensor) -> Tensor:
+        batch = h.shape[0]
+        q = attn.q(h).view(batch, attn.heads, attn.head_size)
+        k = attn.k(h).view(batch, attn.heads, attn.head_size) / math.sqrt(attn.head_size)
+        v = attn.v(h).view(batch, attn.heads, attn.head_size)
+        self.keys[layer][slots, :, positions] = k
+        self.values[layer][slots, :, positions] = v
+        width = attn.chunk * (attn.before + 1)
+        start = (torch.div(positions, attn.chunk, rounding_mode="floor") - attn.before).clamp(min=0) * attn.chunk
+        window = start.view(-1, 1) + torch.arange(width, device=h.device)  # (B, W)
+        valid = window <= positions.view(-1, 1)
+        window = window.clamp(max=self.max_length - 1).unsqueeze(1).expand(-1, attn.heads, -1)
+        keys = self._gather(self.keys[layer], slots, window)  # (B, H, W, d)
+        values = self._gather(self.values[layer], slots, window)
+        masked, _ = mask_values(keys.dtype)
+        scores = torch.einsum("bhd,bhwd->bhw", q, keys).float()
+        scores = scores.masked_fill(~valid.unsqueeze(1), masked)
+        probs, _ = softmax_with_lse(scores)
+        return torch.einsum("bhw,bhwd->bhd", probs.to(values.dtype), values).reshape(batch, -1)
+
+    def _lsh_step(self, layer: int, attn, h: Tensor, slots: Tensor, positions: Tensor, main_length: Tensor,
+                  tail_length: Tensor, hashed: Tensor) -> Tensor:
+        batch, heads, size = h.shape[0], attn.heads, attn.head_size
+        qk = attn.qk(h).view(batch, heads, size)
+        v = attn.v(h).view(batch, heads, size)
+        self.keys[layer][slots, :, positions] = normalize_keys(qk)
+        self.values[layer][slots, :, positions] = v
+        index = self.index[layer]
+        buckets = hash_vectors(qk.unsqueeze(2), attn.rotations, attn.num_buckets)[..., 0]  # (B, H, R)
+        index.append(slots, tail_length, bucket_keys(buckets, positions.view(-1, 1, 1)))
+        width = attn.chunk * (1 + attn.before + attn.after)
+        window = index.window(slots, main_length, tail_length + 1, tail_length, attn.chunk, attn.before, attn.after)
+        # Before the sequence reaches the chunk length the reference attends to every token (one round).
+        full = max(width, attn.chunk + 1)
+        everything = torch.arange(full, device=h.device)
+        if full > width:
+            window = torch.cat([window, window.new_zeros(*window.shape[:3], full - width)], dim=-1)
+        hashed4 = hashed.view(-1, 1, 1, 1)
+        window = torch.where(hashed4, window, everything.clamp(max=self.max_length - 1))
+        valid = torch.where(hashed4, everything < width, everything <= positions.view(-1, 1, 1, 1))
+        keys = self._gather(self.keys[layer], slots, window)  # (B, H, R, W, d)
+        values = self._gather(self.values[layer], slots, window)
+        masked, self_value = mask_values(keys.dtype)
+        scores = torch.einsum("bhd,bhrwd->bhrw", qk, keys).float()
+        scores = scores.masked_fill(window == positions.view(-1, 1, 1, 1), self_value)
+        scores = scores.masked_fill(~valid, masked)
+        probs, lse = softmax_with_lse(scores)
+        rounds = torch.einsum("bhrw,bhrwd->bhrd", probs.to(values.dtype), values).float()
+        if attn.rounds > 1:
+            lse = lse.unsqueeze(-1)
+            weights = torch.exp(lse - torch.logsumexp(lse, dim=2, keepdim=True))
+            combined = torch.sum(rounds * weights, dim=2)
+            context = torch.where(hashed.view(-1, 1, 1), combined, rounds[:, :, 0])
+        else:
+            context = rounds[:, :, 0]
+        return context.to(values.dtype).reshape(batch, -1)
+
+
+class _GraphCache:
+    """CUDA graphs of the decode step, one per padded batch size, replayed with fresh inputs."""
+
+    def __init__(self, decoder: Decoder):
+        self.decoder = decoder
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
+        self.pool = None
+        self.failed = False
+
+    def _bucket(self, batch: int) -> int:
+        """Batch sizes are padded to powers of two (capped at the pool size) to bound the graph count."""
+        return min(1 << (batch - 1).bit_length(), self.decoder.num_slots)
+
+    def _capture(self, size: int) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
+        decoder = self.decoder
+        static = torch.zeros(6, size, dtype=torch.long, device=decoder.device)
+        static[1] = decoder.scratch_slot
+        static[2] = 1  # a scratch row of length 1: valid, if meaningless, arithmetic
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                decoder.step_tensors(*static)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = decoder.step_tensors(*static)
+        self.pool = graph.pool()
+        return graph, static, logits
+
+    def run(self, inputs: Tensor) -> Tensor:
+        decoder = self.decoder
+        batch = inputs.shape[1]
+        if self.failed:
+            return decoder.step_tensors(*inputs.to(decoder.device))
+        size = self._bucket(batch)
+        if size not in self.graphs:
+            try:
+                self.graphs[size] = self._capture(size)
+            except RuntimeError:
+                self.failed = True  # fall back to eager steps (logged by the caller's metrics)
+                return decoder.step_tensors(*inputs.to(decoder.device))
+        graph, static, logits = self.graphs[size]
+        padded = torch.zeros(6, size, dtype=torch.long)
+        padded[1] = decoder.scratch_slot
+        padded[2] = 1
+        padded[:, :batch] = inputs
+        static.copy_(padded, non_blocking=True)
+        graph.replay()
+        return logits[:batch].clone()
