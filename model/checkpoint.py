@@ -123,16 +123,6 @@ def load_model(path: str | Path, *, lm_head_bias: bool | None = None) -> Reforme
     return model.eval()
 
 
-def tokenizer_kind(path: str | Path) -> str:
-    """'sentencepiece' when the directory ships spiece.model, else what our config says, else 'bytes'."""
-    directory = Path(path)
-    if (directory / SPIECE).exists():
-        return "sentencepiece"
-    if (directory / OUR_CONFIG).exists():
-        return json.loads((directory / OUR_CONFIG).read_text()).get("tokenizer", "bytes")
-    return "bytes"
-
-
 def save_model(model: ReformerLM, path: str | Path, *, tokenizer: str = "bytes",
                dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None) -> None:
     """Save config + weights (rotations included) in our format; `dtype` casts floating weights."""

@@ -1,0 +1,60 @@
+"""Tokenizers: raw bytes (the enwik8 convention) and SentencePiece (`spiece.model`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    eos_id: int | None
+    pad_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """id = byte + 2; 0 is padding, 1 unused, 2 end of sequence (so a NUL byte reads as end of sequence)."""
+
+    OFFSET = 2
+    vocab_size = 256 + OFFSET
+    pad_id = 0
+    eos_id = 2
+
+    def encode(self, text: str) -> list[int]:
+        return [byte + self.OFFSET for byte in text.encode("utf-8")]
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        """The bytes behind ids, special ids dropped (a stream decodes these incrementally)."""
+        return bytes(i - self.OFFSET for i in ids if self.OFFSET < i < self.vocab_size)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+class SentencePieceTokenizer:
+    def __init__(self, model_file: str | Path):
+        import sentencepiece
+
+        self.processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        self.vocab_size = self.processor.get_piece_size()
+        eos = self.processor.eos_id()
+        self.eos_id = eos if eos >= 0 else None
+        pad = self.processor.pad_id()
+        self.pad_id = pad if pad >= 0 else 0
+
+    def encode(self, text: str) -> list[int]:
+        return self.processor.encode(text, out_type=int)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.processor.decode([i for i in ids if 0 <= i < self.vocab_size])
+
+
+def load_tokenizer(checkpoint: str | Path | None) -> Tokenizer:
+    """The tokenizer a checkpoint directory ships (spiece.model), else bytes."""
+    if checkpoint is not None and (Path(checkpoint) / "spiece.model").exists():
+        return SentencePieceTokenizer(Path(checkpoint) / "spiece.model")
+    return ByteTokenizer()
