@@ -46,6 +46,8 @@ def merge_heads(x: Tensor) -> Tensor:
 
 
 def softmax_with_lse(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """exp(scores - lse) with lse = logsumexp(scores): the reference's formula, kept so that results agree
+    to rounding (torch.softmax rounds differently, which sharp models amplify past 1e-5)."""
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     return torch.exp(scores - lse), lse.squeeze(-1)
 
@@ -65,16 +67,21 @@ def hash_vectors(qk: Tensor, rotations: Tensor, num_buckets: int | tuple[int, ..
     rotations: (H, d, rounds, rotation_size // 2), a fixed buffer of the layer.
     """
     rotated = torch.einsum("bhtd,hdnr->bhntr", qk.float(), rotations)
-    if isinstance(num_buckets, int):
-        return torch.argmax(torch.cat([rotated, -rotated], dim=-1), dim=-1)
+    factors = num_buckets if isinstance(num_buckets, tuple) else (num_buckets,)
     buckets, offset, scale = None, 0, 1
-    for factor in num_buckets:
-        part = rotated[..., offset: offset + factor // 2]
+    for factor in factors:
+        index = _argmax_of_plus_minus(rotated[..., offset: offset + factor // 2])
         offset += factor // 2
-        index = torch.argmax(torch.cat([part, -part], dim=-1), dim=-1)
         buckets = index if buckets is None else buckets + scale * index
         scale *= factor
     return buckets
+
+
+def _argmax_of_plus_minus(x: Tensor) -> Tensor:
+    """argmax(cat([x, -x], -1)) without building the concatenation (same first-index tie rule)."""
+    high, high_index = torch.max(x, dim=-1)
+    low, low_index = torch.min(x, dim=-1)
+    return torch.where(high >= -low, high_index, low_index + x.shape[-1])
 
 
 def _adjacent(chunks: Tensor, index: Tensor, before: int, after: int) -> Tensor:

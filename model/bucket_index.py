@@ -66,6 +66,10 @@ class BucketIndex:
         self.main[slot, :, :, : main_length + tail_length] = torch.sort(keys, dim=-1).values + offset
         self.tail[slot].fill_(TAIL_PAD)
 
+    def copy_row(self, source: int, target: int) -> None:
+        self.main[target] = self.main[source] - self.row_offset[source] + self.row_offset[target]
+        self.tail[target] = self.tail[source]
+
     # ---- inside the decode step (fixed shapes, no host synchronisation) --------------------------------
     def append(self, slots: Tensor, tail_length: Tensor, keys: Tensor) -> None:
         """Write each row's new key (B, heads, rounds) at its tail position."""

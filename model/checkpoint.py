@@ -116,7 +116,10 @@ def load_model(path: str | Path, *, lm_head_bias: bool | None = None) -> Reforme
         raise CheckpointError(f"{directory} has neither {OUR_CONFIG} nor config.json")
     model = ReformerLM(config)
     state = {name: tensor.to(torch.float32) for name, tensor in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shape mismatches
+        raise CheckpointError(f"weights do not match the config: {error}") from None
     missing = [name for name in missing if not name.endswith("rotations")]
     if missing or unexpected:
         raise CheckpointError(f"weights do not match the config: missing {missing}, unexpected {unexpected}")

@@ -14,6 +14,7 @@ evict sequences between steps without touching the others.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -66,9 +67,9 @@ class Decoder:
         # One spare slot at the end absorbs the padding rows of a graphed batch.
         total = num_slots + 1
         self.scratch_slot = num_slots
-        self.keys = [torch.zeros(total, heads, self.max_length, size, dtype=dtype, device=device)
-                     for _ in config.attn_layers]
-        self.values = [torch.zeros_like(k) for k in self.keys]
+        # Keys and values side by side, so that one gathered row of a window brings both.
+        self.kv = [torch.zeros(total, heads, self.max_length, 2 * size, dtype=dtype, device=device)
+                   for _ in config.attn_layers]
         self.index: list[BucketIndex | None] = [
             BucketIndex(total, heads, config.num_hashes, self.max_length, tail_capacity, device)
             if kind == "lsh" else None for kind in config.attn_layers]
@@ -90,6 +91,16 @@ class Decoder:
         if self.slots[slot].active:
             self.slots[slot] = SlotState()
             self._free.append(slot)
+
+    def copy_slot(self, source: int, target: int) -> None:
+        """Give `target` (allocated) the same cached sequence as `source`: a fork without a new prefill."""
+        with torch.inference_mode():
+            for cache in self.kv:
+                cache[target].copy_(cache[source])
+            for index in self.index:
+                if index is not None:
+                    index.copy_row(source, target)
+        self.slots[target] = dataclasses.replace(self.slots[source])
 
     @property
     def free_slots(self) -> int:
@@ -147,8 +158,8 @@ class Decoder:
                 for layer, x1, x2, kv in model.layer_states(ids, attention_mask, want_kv=True):
                     for row, i in enumerate(members):
                         slot, length = prompts[i][0], len(prompts[i][1])
-                        self.keys[layer][slot, :, :length] = kv.keys[row, :, :length]
-                        self.values[layer][slot, :, :length] = kv.values[row, :, :length]
+                        self._store(layer, slot, slice(0, length), kv.keys[row, :, :length],
+                                    kv.values[row, :, :length])
                         if self.index[layer] is not None:
                             self.index[layer].build(slot, kv.buckets[row, :, :, :length])
                     yield
@@ -221,27 +232,34 @@ class Decoder:
             x2 = x2 + block.ff(x1)
         return model.logits(model.final_hidden(x1, x2)[:, 0]).float()
 
-    def _gather(self, cache: Tensor, slots: Tensor, positions: Tensor) -> Tensor:
-        """cache (S, H, L, d); positions (B, H, ..., W) -> (B, H, ..., W, d)."""
+    def _store(self, layer: int, slots, positions, keys: Tensor, values: Tensor) -> None:
+        """Write keys/values (..., H, d) for (slots, positions): ints and slices, or (B,) index tensors."""
+        cache = self.kv[layer]
+        size = keys.shape[-1]
+        cache[slots, :, positions, :size] = keys
+        cache[slots, :, positions, size:] = values
+
+    def _gather(self, layer: int, slots: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """positions (B, H, ..., W) -> keys, values (B, H, ..., W, d) of those slots' cached tokens."""
+        cache = self.kv[layer]
         total, heads, length, size = cache.shape
         base = (slots.view(-1, 1) * heads + torch.arange(heads, device=slots.device)) * length  # (B, H)
         base = base.view(*base.shape, *([1] * (positions.dim() - 2)))
-        return cache.view(-1, size)[base + positions]
+        rows = cache.view(-1, size)[base + positions]
+        return rows[..., : size // 2], rows[..., size // 2:]
 
     def _local_step(self, layer: int, attn, h: Tensor, slots: Tensor, positions: Tensor) -> Tensor:
         batch = h.shape[0]
         q = attn.q(h).view(batch, attn.heads, attn.head_size)
         k = attn.k(h).view(batch, attn.heads, attn.head_size) / math.sqrt(attn.head_size)
         v = attn.v(h).view(batch, attn.heads, attn.head_size)
-        self.keys[layer][slots, :, positions] = k
-        self.values[layer][slots, :, positions] = v
+        self._store(layer, slots, positions, k, v)
         width = attn.chunk * (attn.before + 1)
         start = (torch.div(positions, attn.chunk, rounding_mode="floor") - attn.before).clamp(min=0) * attn.chunk
         window = start.view(-1, 1) + torch.arange(width, device=h.device)  # (B, W)
         valid = window <= positions.view(-1, 1)
         window = window.clamp(max=self.max_length - 1).unsqueeze(1).expand(-1, attn.heads, -1)
-        keys = self._gather(self.keys[layer], slots, window)  # (B, H, W, d)
-        values = self._gather(self.values[layer], slots, window)
+        keys, values = self._gather(layer, slots, window)  # (B, H, W, d)
         masked, _ = mask_values(keys.dtype)
         scores = torch.einsum("bhd,bhwd->bhw", q, keys).float()
         scores = scores.masked_fill(~valid.unsqueeze(1), masked)
@@ -253,8 +271,7 @@ class Decoder:
         batch, heads, size = h.shape[0], attn.heads, attn.head_size
         qk = attn.qk(h).view(batch, heads, size)
         v = attn.v(h).view(batch, heads, size)
-        self.keys[layer][slots, :, positions] = normalize_keys(qk)
-        self.values[layer][slots, :, positions] = v
+        self._store(layer, slots, positions, normalize_keys(qk), v)
         index = self.index[layer]
         buckets = hash_vectors(qk.unsqueeze(2), attn.rotations, attn.num_buckets)[..., 0]  # (B, H, R)
         index.append(slots, tail_length, bucket_keys(buckets, positions.view(-1, 1, 1)))
@@ -268,8 +285,7 @@ class Decoder:
         hashed4 = hashed.view(-1, 1, 1, 1)
         window = torch.where(hashed4, window, everything.clamp(max=self.max_length - 1))
         valid = torch.where(hashed4, everything < width, everything <= positions.view(-1, 1, 1, 1))
-        keys = self._gather(self.keys[layer], slots, window)  # (B, H, R, W, d)
-        values = self._gather(self.values[layer], slots, window)
+        keys, values = self._gather(layer, slots, window)  # (B, H, R, W, d)
         masked, self_value = mask_values(keys.dtype)
         scores = torch.einsum("bhd,bhrwd->bhrw", qk, keys).float()
         scores = scores.masked_fill(window == positions.view(-1, 1, 1, 1), self_value)

@@ -120,3 +120,19 @@ def test_batched_decoding_equals_each_row_alone(case):
     for i in range(5):
         error = (torch.stack(got[i]) - expected[i]).abs().max().item()
         assert error <= 1e-5, f"{describe(kwargs)} row={i} error={error:.2e}"
+
+
+def test_copied_slot_continues_like_its_source():
+    rng = rng_for("copy-slot")
+    kwargs = random_hf_kwargs(rng)
+    _, ours = build_pair(kwargs)
+    prompt = random_ids(rng, 1, 21, kwargs["vocab_size"])[0].tolist()
+    feed = random_ids(rng, 1, 12, kwargs["vocab_size"])[0].tolist()
+    decoder = Decoder(ours, num_slots=3, tail_capacity=5)
+    source, target = decoder.allocate(), decoder.allocate()
+    decoder.prefill([(source, prompt)])
+    decoder.step([source], [feed[0]])
+    decoder.copy_slot(source, target)
+    for token in feed[1:]:
+        logits = decoder.step([source, target], [token, token])
+        assert (logits[0] - logits[1]).abs().max() == 0

@@ -1,0 +1,211 @@
+"""Benchmark of the model core against the reference (transformers' Reformer), in one run on one device.
+
+    python -m bench.bench_core [--device cuda|cpu] [--quick]
+
+Times, for a 6-layer, d=512, 8-head Reformer (fp16 on a GPU, fp32 on a CPU; random weights):
+- one decode step of ours vs the reference's cached step, batch 1, at several contexts; ours at batch 16;
+- a full forward (all logits) of ours vs the reference at several lengths, with peak memory.
+Writes bench/results/core-<device>.json; `python -m bench.report` turns all results into BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from model.checkpoint import convert_hf_state_dict  # noqa: E402
+from model.config import ReformerConfig  # noqa: E402
+from model.decode import Decoder  # noqa: E402
+from model.reformer import ReformerLM  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+BENCH_MODEL = dict(
+    vocab_size=258, hidden_size=512, num_attention_heads=8, attention_head_size=64,
+    attn_layers=["local", "lsh", "local", "lsh", "local", "lsh"], feed_forward_size=2048, hidden_act="relu",
+    lsh_attn_chunk_length=256, local_attn_chunk_length=128, lsh_num_chunks_before=1, lsh_num_chunks_after=0,
+    local_num_chunks_before=1, local_num_chunks_after=0, num_buckets=512, num_hashes=2, hash_seed=0,
+    axial_pos_embds=True, axial_pos_shape=[256, 256], axial_pos_embds_dim=[128, 384],
+    max_position_embeddings=65536, is_decoder=True, pad_token_id=0, eos_token_id=None,
+    hidden_dropout_prob=0.0, lsh_attention_probs_dropout_prob=0.0, local_attention_probs_dropout_prob=0.0,
+)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_models(device: torch.device, dtype: torch.dtype):
+    from transformers import ReformerConfig as HFConfig
+    from transformers import ReformerModelWithLMHead
+
+    torch.manual_seed(0)
+    hf_config = HFConfig(**BENCH_MODEL)
+    reference = ReformerModelWithLMHead(hf_config).eval()
+    config = ReformerConfig.from_hf_dict(hf_config.to_dict())
+    ours = ReformerLM(config).eval()
+    ours.load_state_dict(convert_hf_state_dict(reference.state_dict(), config), strict=False)
+    return reference.to(device=device, dtype=dtype), ours.to(device=device, dtype=dtype)
+
+
+def prompt(length: int, seed: int = 0) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 258, (length,), generator=generator).tolist()
+
+
+def time_ours_step(ours: ReformerLM, context: int, batch: int, steps: int, device) -> dict:
+    decoder = Decoder(ours, num_slots=batch, max_length=context + steps + 8)
+    slots = [decoder.allocate() for _ in range(batch)]
+    decoder.prefill([(slots[0], prompt(context))])
+    for slot in slots[1:]:
+        decoder.copy_slot(slots[0], slot)
+    tokens = prompt(steps + 4, seed=1)
+    times = []
+    for i, token in enumerate(tokens):
+        sync(device)
+        start = time.perf_counter()
+        decoder.step(slots, [token] * batch)
+        sync(device)
+        if i >= 4:  # warm-up (and graph capture) first
+            times.append(time.perf_counter() - start)
+    return {"median_ms": 1e3 * statistics.median(times), "mean_ms": 1e3 * statistics.fmean(times),
+            "max_ms": 1e3 * max(times), "steps": len(times), "cuda_graphs": decoder._graphs is not None
+            and not decoder._graphs.failed}
+
+
+def time_reference_step(reference, context: int, steps: int, device) -> dict:
+    ids = torch.tensor([prompt(context)], device=device)
+    tokens = prompt(steps + 2, seed=1)
+    times = []
+    with torch.no_grad():
+        cache = reference(ids, use_cache=True).past_buckets_states
+        for i, token in enumerate(tokens):
+            sync(device)
+            start = time.perf_counter()
+            out = reference(torch.tensor([[token]], device=device), past_buckets_states=cache, use_cache=True)
+            cache = out.past_buckets_states
+            sync(device)
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+    return {"median_ms": 1e3 * statistics.median(times), "mean_ms": 1e3 * statistics.fmean(times),
+            "steps": len(times)}
+
+
+def time_forward(model, length: int, repeats: int, device, reference: bool) -> dict:
+    ids = torch.tensor([prompt(length)], device=device)
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            sync(device)
+            start = time.perf_counter()
+            out = model(ids).logits if reference else model(ids)
+            sync(device)
+            if i:
+                times.append(time.perf_counter() - start)
+            del out
+    result = {"median_ms": 1e3 * statistics.median(times), "repeats": repeats}
+    if device.type == "cuda":
+        result["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return result
+
+
+def forward_in_child(impl: str, length: int, repeats: int) -> dict:
+    """CPU peak memory needs a fresh process: peak RSS growth over the loaded model is the forward's."""
+    command = [sys.executable, "-m", "bench.bench_core", "--child-forward", impl, str(length), str(repeats)]
+    output = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def child_forward(impl: str, length: int, repeats: int) -> None:
+    import resource
+
+    device = torch.device("cpu")
+    reference, ours = build_models(device, torch.float32)
+    model = reference if impl == "reference" else ours
+    del reference, ours
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = time_forward(model, length, repeats, device, reference=impl == "reference")
+    result["peak_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    print(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--child-forward", nargs=3, metavar=("IMPL", "LENGTH", "REPEATS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_forward:
+        impl, length, repeats = args.child_forward
+        child_forward(impl, int(length), int(repeats))
+        return
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    dtype = torch.float16 if gpu else torch.float32
+    if args.quick:
+        step_contexts, forward_lengths, batch, steps, ref_steps = [1024, 4096], [1024, 2048], 4, 70, 4
+    elif gpu:
+        step_contexts, forward_lengths, batch, steps, ref_steps = [1024, 16384, 65536], [4096, 16384, 65536], 16, 160, 12
+    else:
+        step_contexts, forward_lengths, batch, steps, ref_steps = [1024, 4096, 16384], [1024, 4096, 16384], 16, 140, 8
+    torch.set_num_threads(os.cpu_count() or 1)
+    reference, ours = build_models(device, dtype)
+    result = {
+        "benchmark": "core", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if gpu else f"CPU ({platform.processor() or platform.machine()}, "
+                                                                 f"{os.cpu_count()} cores)",
+        "device_type": device.type, "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
+        "model": {k: BENCH_MODEL[k] for k in ("hidden_size", "num_attention_heads", "attn_layers", "num_hashes",
+                                              "num_buckets", "lsh_attn_chunk_length", "local_attn_chunk_length")},
+        "parameters": ours.num_parameters(), "steps": [], "forward": [],
+    }
+    try:
+        import transformers
+
+        result["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    for context in step_contexts:
+        entry = {"context": context, "ours_batch1": time_ours_step(ours, context, 1, steps, device)}
+        entry[f"ours_batch{batch}"] = time_ours_step(ours, context, batch, steps, device)
+        entry["reference_batch1"] = time_reference_step(reference, context, ref_steps, device)
+        result["steps"].append(entry)
+        print(json.dumps(entry), flush=True)
+        if gpu:
+            torch.cuda.empty_cache()
+    for length in forward_lengths:
+        if gpu:
+            entry = {"length": length, "ours": time_forward(ours, length, 3, device, reference=False),
+                     "reference": time_forward(reference, length, 3, device, reference=True)}
+            torch.cuda.empty_cache()
+        else:
+            entry = {"length": length, "ours": forward_in_child("ours", length, 2),
+                     "reference": forward_in_child("reference", length, 2)}
+        result["forward"].append(entry)
+        print(json.dumps(entry), flush=True)
+    folder = ROOT / "bench" / "out" if args.quick else Path(os.environ.get("BENCH_OUT", RESULTS))
+    path = folder / f"core-{device.type}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

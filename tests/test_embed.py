@@ -1,0 +1,34 @@
+"""Pooled document embeddings against the reference's final hidden states."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.embed import embed
+from tests.reference import TINY, build_pair, random_ids, rng_for
+
+
+@pytest.mark.parametrize("pooling", ["mean", "first", "last", "max"])
+def test_pooling_of_reference_hidden_states(pooling):
+    reference, ours = build_pair(dict(TINY), lm=False)
+    rng = rng_for("embed", pooling)
+    documents = [random_ids(rng, 1, n, TINY["vocab_size"])[0].tolist() for n in (5, 16, 23, 64, 9, 16)]
+    vectors = embed(ours, documents, pooling=pooling, max_batch_tokens=48)
+    for document, vector in zip(documents, vectors):
+        with torch.no_grad():
+            hidden = reference(torch.tensor([document])).last_hidden_state[0]
+        expected = {"mean": hidden.mean(0), "first": hidden[0], "last": hidden[-1], "max": hidden.amax(0)}[pooling]
+        assert (vector - expected).abs().max() <= 1e-5
+
+
+def test_normalised_embeddings_and_limits():
+    _, ours = build_pair(dict(TINY))
+    documents = [random_ids(rng_for("norm"), 1, 30, TINY["vocab_size"])[0].tolist()]
+    raw = embed(ours, documents)
+    unit = embed(ours, documents, normalize=True)
+    torch.testing.assert_close(unit, F.normalize(raw, dim=-1))
+    assert unit.shape == (1, 2 * TINY["hidden_size"])
+    with pytest.raises(ValueError, match="outside"):
+        embed(ours, [[5] * 65])
+    with pytest.raises(ValueError, match="pooling"):
+        embed(ours, documents, pooling="median")
