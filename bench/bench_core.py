@@ -67,6 +67,11 @@ def prompt(length: int, seed: int = 0) -> list[int]:
     return torch.randint(3, 258, (length,), generator=generator).tolist()
 
 
+def fitting(context: int, steps: int) -> int:
+    """The longest context that leaves room for the timed steps (the model addresses 65536 positions)."""
+    return min(context, BENCH_MODEL["max_position_embeddings"] - steps - 8)
+
+
 def time_ours_step(ours: ReformerLM, context: int, batch: int, steps: int, device) -> dict:
     decoder = Decoder(ours, num_slots=batch, max_length=context + steps + 8)
     slots = [decoder.allocate() for _ in range(batch)]
@@ -146,6 +151,16 @@ def child_forward(impl: str, length: int, repeats: int) -> None:
     print(json.dumps(result))
 
 
+def guarded(measure, *args, **kwargs) -> dict:
+    """One failed measurement (out of memory, say) is recorded, not fatal to the rest of the run."""
+    try:
+        return measure(*args, **kwargs)
+    except Exception as error:  # noqa: BLE001 - reported in the results
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -183,17 +198,19 @@ def main() -> None:
     except ImportError:
         pass
     for context in step_contexts:
-        entry = {"context": context, "ours_batch1": time_ours_step(ours, context, 1, steps, device)}
-        entry[f"ours_batch{batch}"] = time_ours_step(ours, context, batch, steps, device)
-        entry["reference_batch1"] = time_reference_step(reference, context, ref_steps, device)
+        context = fitting(context, steps)
+        entry = {"context": context,
+                 "ours_batch1": guarded(time_ours_step, ours, context, 1, steps, device),
+                 f"ours_batch{batch}": guarded(time_ours_step, ours, context, batch, steps, device),
+                 "reference_batch1": guarded(time_reference_step, reference, context, ref_steps, device)}
         result["steps"].append(entry)
         print(json.dumps(entry), flush=True)
         if gpu:
             torch.cuda.empty_cache()
     for length in forward_lengths:
         if gpu:
-            entry = {"length": length, "ours": time_forward(ours, length, 3, device, reference=False),
-                     "reference": time_forward(reference, length, 3, device, reference=True)}
+            entry = {"length": length, "ours": guarded(time_forward, ours, length, 3, device, reference=False),
+                     "reference": guarded(time_forward, reference, length, 3, device, reference=True)}
             torch.cuda.empty_cache()
         else:
             entry = {"length": length, "ours": forward_in_child("ours", length, 2),

@@ -10,6 +10,7 @@ blocks so that the score tensor never exceeds a memory budget, and no mask tenso
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,24 @@ from .config import ReformerConfig
 
 # Scores are processed in blocks of chunks no larger than this many elements.
 DEFAULT_BLOCK_ELEMENTS = 1 << 25
+
+# "auto": the fused Triton kernel for inference on CUDA when it applies, else torch; "torch": always torch;
+# "triton": always the kernel (on a CPU only under TRITON_INTERPRET=1, which the tests use).
+ATTENTION_BACKEND = os.environ.get("REFORMER_ATTENTION", "auto")
+
+
+def _use_kernel(queries: Tensor, dropout: float) -> bool:
+    if ATTENTION_BACKEND == "torch" or dropout or (torch.is_grad_enabled() and queries.requires_grad):
+        return False
+    if ATTENTION_BACKEND == "auto" and not queries.is_cuda:
+        return False
+    try:
+        from . import chunk_kernel
+    except ImportError:
+        if ATTENTION_BACKEND == "triton":
+            raise
+        return False
+    return chunk_kernel.supported(queries)
 
 
 def mask_values(dtype: torch.dtype) -> tuple[float, float]:
@@ -61,11 +80,17 @@ class LayerKV:
     buckets: Tensor | None = None  # (B, H, rounds, T) raw buckets (LSH only)
 
 
+# Tokens hashed at once: bounds the (tokens x rounds x rotation) fp32 temporary of long inputs.
+HASH_BLOCK = 8192
+
+
 def hash_vectors(qk: Tensor, rotations: Tensor, num_buckets: int | tuple[int, ...]) -> Tensor:
     """Angular LSH of (B, H, T, d) vectors -> raw buckets (B, H, rounds, T), computed in fp32.
 
     rotations: (H, d, rounds, rotation_size // 2), a fixed buffer of the layer.
     """
+    if qk.shape[2] > HASH_BLOCK:
+        return torch.cat([hash_vectors(part, rotations, num_buckets) for part in qk.split(HASH_BLOCK, dim=2)], -1)
     rotated = torch.einsum("bhtd,hdnr->bhntr", qk.float(), rotations)
     factors = num_buckets if isinstance(num_buckets, tuple) else (num_buckets,)
     buckets, offset, scale = None, 0, 1
@@ -113,6 +138,11 @@ def chunked_attention(
     batch, heads, count, chunk, dim = queries.shape
     window = chunk * (1 + before + after)
     masked, self_value = mask_values(queries.dtype)
+    if _use_kernel(queries, dropout):
+        from .chunk_kernel import chunk_attention
+
+        return chunk_attention(queries, keys, values, positions, key_valid, before=before, after=after,
+                               causal=causal, self_mask=self_mask, masked=masked, self_value=self_value)
     out = queries.new_empty(queries.shape)
     lse = queries.new_empty(queries.shape[:-1])
     per_chunk = max(1, batch * heads * chunk * window)

@@ -55,3 +55,15 @@ def test_model_never_uses_the_global_rng():
     generate(model, [ids[0, :9].tolist(), ids[1, :5].tolist()],
              SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=3))
     assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_hashing_long_inputs_in_blocks_changes_nothing(monkeypatch):
+    import model.attention as attention
+
+    _, model = build_pair(dict(TINY))
+    block = next(b for b in model.layers if b.kind == "lsh")
+    qk = torch.randn(2, TINY["num_attention_heads"], 50, TINY["attention_head_size"],
+                     generator=torch.Generator().manual_seed(5))
+    whole = block.attn.hash(qk)
+    monkeypatch.setattr(attention, "HASH_BLOCK", 7)
+    assert torch.equal(block.attn.hash(qk), whole)

@@ -1,0 +1,130 @@
+"""Regenerate BENCHMARKS.md from the JSON files in bench/results/ (never edit BENCHMARKS.md by hand).
+
+    python -m bench.report
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+# Targets of the model-core issue, per device type: (description, check on a result) pairs.
+STEP_FLATNESS = {"cuda": (65536, 1.3), "cpu": (16384, 1.3)}
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}×" if b else "n/a"
+
+
+def _verdict(ok: bool) -> str:
+    return "reached" if ok else "**missed**"
+
+
+def core_section(result: dict) -> list[str]:
+    device_type = result["device_type"]
+    lines = [
+        f"### {result['device']} — {result['date'][:10]}",
+        "",
+        f"{result['dtype']}, torch {result['torch']}, transformers {result.get('transformers', '?')} (the reference). "
+        f"Model: {len(result['model']['attn_layers'])} layers {result['model']['attn_layers']}, "
+        f"d={result['model']['hidden_size']}, {result['model']['num_attention_heads']} heads, "
+        f"{result['model']['num_hashes']} hash rounds, {result['model']['num_buckets']} buckets, "
+        f"LSH chunk {result['model']['lsh_attn_chunk_length']}, local chunk "
+        f"{result['model']['local_attn_chunk_length']}; {result['parameters'] / 1e6:.1f}M parameters, random weights.",
+        "",
+        "**Decode step** (one new token per sequence, synchronised; median over the steps, mean includes the "
+        "amortised bucket-index merges):",
+        "",
+    ]
+    steps = result["steps"]
+    batch_key = next(k for k in steps[0] if k.startswith("ours_batch") and k != "ours_batch1")
+    batch = int(batch_key.removeprefix("ours_batch"))
+    lines += [
+        f"| context | ours, batch 1 | ours, batch {batch} (tokens/s) | reference cached step, batch 1 | "
+        "reference ÷ ours | ours ÷ ours at the shortest context |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    base = steps[0]["ours_batch1"]["median_ms"]
+    for entry in steps:
+        ours, many, ref = entry["ours_batch1"], entry[batch_key], entry["reference_batch1"]
+        lines.append(
+            f"| {entry['context']:,} | {ours['median_ms']:.2f} ms (mean {ours['mean_ms']:.2f}) | "
+            f"{many['median_ms']:.2f} ms ({1e3 * batch / many['median_ms']:,.0f}) | {ref['median_ms']:.2f} ms | "
+            f"{_ratio(ref['median_ms'], ours['median_ms'])} | {_ratio(ours['median_ms'], base)} |")
+    graphs = steps[0]["ours_batch1"].get("cuda_graphs")
+    lines += ["", f"CUDA graphs: {'on' if graphs else 'off'}.", "", "**Full forward** (batch 1, all logits):", "",
+              "| length | ours | reference | ours ÷ reference | ours peak | reference peak | peak ratio |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
+    for entry in result["forward"]:
+        ours, ref = entry["ours"], entry["reference"]
+        peak = ""
+        if "peak_mib" in ours and "peak_mib" in ref:
+            peak = (f"{ours['peak_mib']:,.0f} MiB | {ref['peak_mib']:,.0f} MiB | "
+                    f"{_ratio(ours['peak_mib'], ref['peak_mib'])}")
+        else:
+            peak = "n/a | n/a | n/a"
+        lines.append(f"| {entry['length']:,} | {ours['median_ms']:,.1f} ms | {ref['median_ms']:,.1f} ms | "
+                     f"{_ratio(ours['median_ms'], ref['median_ms'])} | {peak} |")
+    lines += ["", "Targets:", ""]
+    by_context = {e["context"]: e for e in steps}
+    context, limit = STEP_FLATNESS[device_type]
+    if context in by_context:
+        ratio = by_context[context]["ours_batch1"]["median_ms"] / base
+        lines.append(f"- step at {context:,} ≤ {limit}× step at {steps[0]['context']:,}: {ratio:.2f}× — "
+                     f"{_verdict(ratio <= limit)}")
+    if device_type == "cuda":
+        longest = steps[-1]
+        speedup = longest["reference_batch1"]["median_ms"] / longest["ours_batch1"]["median_ms"]
+        lines.append(f"- step ≥ 20× faster than the reference's at {longest['context']:,}: {speedup:.1f}× — "
+                     f"{_verdict(speedup >= 20)}")
+        last = result["forward"][-1]
+        time_ratio = last["ours"]["median_ms"] / last["reference"]["median_ms"]
+        lines.append(f"- full forward at {last['length']:,} ≤ 1/5 of the reference's time: {time_ratio:.2f} — "
+                     f"{_verdict(time_ratio <= 0.2)}")
+        if "peak_mib" in last["ours"]:
+            memory_ratio = last["ours"]["peak_mib"] / last["reference"]["peak_mib"]
+            lines.append(f"- full forward at {last['length']:,} ≤ 1/4 of the reference's peak memory: "
+                         f"{memory_ratio:.2f} — {_verdict(memory_ratio <= 0.25)}")
+    return lines + [""]
+
+
+def checks_section(result: dict) -> list[str]:
+    lines = [f"### GPU correctness checks — {result['device']}, {result['date'][:10]}", "",
+             "| check | max abs difference |", "|---|---:|"]
+    for name, value in result["checks"].items():
+        lines.append(f"| {name} | {value:.2e} |")
+    return lines + [""]
+
+
+def main() -> None:
+    results = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("*.json"))]
+    core = [r for r in results if r.get("benchmark") == "core"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `python -m bench.report` from `bench/results/*.json`; do not edit by hand. "
+        "Each JSON file is written by a benchmark script that runs our code and the competitor in the same run "
+        "on the same device.",
+        "",
+        "## Model core: decoding with cached LSH buckets and the full forward",
+        "",
+        "`python -m bench.bench_core` (competitor: transformers' `ReformerModelWithLMHead`, its "
+        "`past_buckets_states` cache for decoding).",
+        "",
+    ]
+    if not any(r["device_type"] == "cuda" for r in core):
+        lines += ["GPU numbers: pending (no GPU run recorded yet).", ""]
+    for result in sorted(core, key=lambda r: r["device_type"] != "cuda"):
+        lines += core_section(result)
+    for result in results:
+        if result.get("benchmark") == "gpu_checks":
+            lines += checks_section(result)
+    (ROOT / "BENCHMARKS.md").write_text("\n".join(lines).rstrip() + "\n")
+    print(f"wrote {ROOT / 'BENCHMARKS.md'}")
+
+
+if __name__ == "__main__":
+    main()
