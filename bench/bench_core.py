@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
 import json
 import os
 import platform
@@ -72,8 +73,8 @@ def fitting(context: int, steps: int) -> int:
     return min(context, BENCH_MODEL["max_position_embeddings"] - steps - 8)
 
 
-def time_ours_step(ours: ReformerLM, context: int, batch: int, steps: int, device) -> dict:
-    decoder = Decoder(ours, num_slots=batch, max_length=context + steps + 8)
+def time_ours_step(ours: ReformerLM, context: int, batch: int, steps: int, device, graphs: bool | None = None) -> dict:
+    decoder = Decoder(ours, num_slots=batch, max_length=context + steps + 8, cuda_graphs=graphs)
     slots = [decoder.allocate() for _ in range(batch)]
     decoder.prefill([(slots[0], prompt(context))])
     for slot in slots[1:]:
@@ -138,16 +139,33 @@ def forward_in_child(impl: str, length: int, repeats: int) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def child_forward(impl: str, length: int, repeats: int) -> None:
-    import resource
+    """Peak resident memory above the loaded model, sampled every millisecond during the forwards."""
+    import threading
 
     device = torch.device("cpu")
     reference, ours = build_models(device, torch.float32)
     model = reference if impl == "reference" else ours
     del reference, ours
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    baseline = peak = _resident_bytes()
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(0.001):
+            peak = max(peak, _resident_bytes())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     result = time_forward(model, length, repeats, device, reference=impl == "reference")
-    result["peak_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    done.set()
+    sampler.join()
+    result["peak_mib"] = (peak - baseline) / 2**20
     print(json.dumps(result))
 
 
@@ -165,6 +183,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--steps-only", action="store_true",
+                        help="re-measure the decode steps (1K and 64K) into the existing result file")
     parser.add_argument("--child-forward", nargs=3, metavar=("IMPL", "LENGTH", "REPEATS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_forward:
@@ -176,11 +196,15 @@ def main() -> None:
     dtype = torch.float16 if gpu else torch.float32
     if args.quick:
         step_contexts, forward_lengths, batch, steps, ref_steps = [1024, 4096], [1024, 2048], 4, 70, 4
+    elif args.steps_only:
+        step_contexts, forward_lengths, batch, steps, ref_steps = [1024, 65536], [], 16, 160, 12
     elif gpu:
         step_contexts, forward_lengths, batch, steps, ref_steps = [1024, 16384, 65536], [4096, 16384, 65536], 16, 160, 12
     else:
         step_contexts, forward_lengths, batch, steps, ref_steps = [1024, 4096, 16384], [1024, 4096, 16384], 16, 140, 8
     torch.set_num_threads(os.cpu_count() or 1)
+    if gpu:
+        faulthandler.dump_traceback_later(300, exit=True)  # a hang shows where it is
     reference, ours = build_models(device, dtype)
     result = {
         "benchmark": "core", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -197,16 +221,17 @@ def main() -> None:
         result["transformers"] = transformers.__version__
     except ImportError:
         pass
-    for context in step_contexts:
-        context = fitting(context, steps)
-        entry = {"context": context,
-                 "ours_batch1": guarded(time_ours_step, ours, context, 1, steps, device),
-                 f"ours_batch{batch}": guarded(time_ours_step, ours, context, batch, steps, device),
-                 "reference_batch1": guarded(time_reference_step, reference, context, ref_steps, device)}
-        result["steps"].append(entry)
-        print(json.dumps(entry), flush=True)
-        if gpu:
-            torch.cuda.empty_cache()
+    folder = ROOT / "bench" / "out" if args.quick else Path(os.environ.get("BENCH_OUT", RESULTS))
+    path = folder / f"core-{device.type}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every entry, so that an interrupted run keeps what it measured
+        path.write_text(json.dumps(result, indent=2) + "\n")
+
+    if args.steps_only:  # keep the earlier full-forward numbers, say when the steps were measured
+        earlier = json.loads(path.read_text())
+        result["forward"], result["forward_date"] = earlier["forward"], earlier.get("forward_date", earlier["date"])
+
     for length in forward_lengths:
         if gpu:
             entry = {"length": length, "ours": guarded(time_forward, ours, length, 3, device, reference=False),
@@ -216,11 +241,21 @@ def main() -> None:
             entry = {"length": length, "ours": forward_in_child("ours", length, 2),
                      "reference": forward_in_child("reference", length, 2)}
         result["forward"].append(entry)
+        save()
         print(json.dumps(entry), flush=True)
-    folder = ROOT / "bench" / "out" if args.quick else Path(os.environ.get("BENCH_OUT", RESULTS))
-    path = folder / f"core-{device.type}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    for context in step_contexts:
+        context = fitting(context, steps)
+        entry = {"context": context}
+        if gpu:  # the same step without CUDA graphs, to show what the graphs buy
+            entry["ours_batch1_eager"] = guarded(time_ours_step, ours, context, 1, 40, device, graphs=False)
+        entry.update({"ours_batch1": guarded(time_ours_step, ours, context, 1, steps, device),
+                 f"ours_batch{batch}": guarded(time_ours_step, ours, context, batch, steps, device),
+                 "reference_batch1": guarded(time_reference_step, reference, context, ref_steps, device)})
+        result["steps"].append(entry)
+        save()
+        print(json.dumps(entry), flush=True)
+        if gpu:
+            torch.cuda.empty_cache()
     print(f"wrote {path}")
 
 

@@ -2,16 +2,18 @@
 
     python -m bench.gpu_checks
 
-- the fused Triton attention kernel against the torch path, fp32 and fp16;
+- the fused Triton attention kernel against the torch path (in fp32), fp16 and bf16 inputs;
 - our full forward against the reference on the GPU in fp32 (rotations drawn as the reference draws them
-  on CUDA, which differs from the CPU draw);
+  on CUDA, which differs from the CPU draw), and our fp16 full forward with the kernel against the torch path;
 - decode steps replayed from CUDA graphs against eager steps, fp32 and fp16, batches 1 and 5.
 """
 
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import json
+import time
 import os
 import sys
 from pathlib import Path
@@ -38,8 +40,10 @@ def kernel_vs_torch(dtype: torch.dtype) -> float:
         pos = torch.randperm(count * chunk, generator=g).view(1, 1, count, chunk).expand(batch, heads, -1, -1).cuda()
         valid = (torch.rand(batch, 1, count, chunk, generator=g) > 0.2).cuda() if with_valid else None
         masked, self_value = attention.mask_values(dtype)
+        attention.ATTENTION_BACKEND = "torch"  # the blocked torch path is the expectation
         expected = attention.chunked_attention(q.float(), k.float(), v.float(), pos, valid, before=before,
                                                after=after, causal=causal, self_mask=self_mask)
+        attention.ATTENTION_BACKEND = "auto"
         actual = chunk_attention(q, k, v, pos, valid, before=before, after=after, causal=causal,
                                  self_mask=self_mask, masked=masked, self_value=self_value)
         worst = max(worst, (actual[0].float() - expected[0]).abs().max().item())
@@ -57,6 +61,17 @@ def forward_vs_reference(length: int) -> float:
     ids = torch.tensor([prompt(length)], device="cuda")
     with torch.no_grad():
         return (reference(ids).logits - ours(ids)).abs().max().item()
+
+
+def model_kernel_vs_torch(length: int) -> float:
+    _, ours = build_models(torch.device("cuda"), torch.float16)
+    ids = torch.tensor([prompt(length)], device="cuda")
+    with torch.no_grad():
+        attention.ATTENTION_BACKEND = "torch"
+        expected = ours(ids).float()
+        attention.ATTENTION_BACKEND = "auto"
+        actual = ours(ids).float()
+    return (expected - actual).abs().max().item()
 
 
 def graphs_vs_eager(dtype: torch.dtype) -> float:
@@ -80,18 +95,33 @@ def graphs_vs_eager(dtype: torch.dtype) -> float:
 
 
 def main() -> None:
+    only = sys.argv[1:]  # optional check names to run (default: all)
     results = {"benchmark": "gpu_checks", "device": torch.cuda.get_device_name(),
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "torch": torch.__version__, "checks": {}}
     checks = results["checks"]
-    checks["kernel_vs_torch_fp32_max_abs"] = kernel_vs_torch(torch.float32)
-    checks["kernel_vs_torch_fp16_max_abs"] = kernel_vs_torch(torch.float16)
-    checks["forward_vs_reference_fp32_4096_max_abs"] = forward_vs_reference(4096)
-    checks["graphs_vs_eager_fp32_max_abs"] = graphs_vs_eager(torch.float32)
-    checks["graphs_vs_eager_fp16_max_abs"] = graphs_vs_eager(torch.float16)
-    print(json.dumps(results, indent=2), flush=True)
+    faulthandler.dump_traceback_later(150, exit=True)  # a hang shows where it is instead of nothing
+    for name, check, argument in [
+            ("kernel_vs_torch_fp16_max_abs", kernel_vs_torch, torch.float16),
+            ("kernel_vs_torch_bf16_max_abs", kernel_vs_torch, torch.bfloat16),
+            ("forward_vs_reference_fp32_4096_max_abs", forward_vs_reference, 4096),
+            ("forward_fp16_kernel_vs_torch_16384_max_abs", model_kernel_vs_torch, 16384),
+            ("graphs_vs_eager_fp32_max_abs", graphs_vs_eager, torch.float32),
+            ("graphs_vs_eager_fp16_max_abs", graphs_vs_eager, torch.float16)]:
+        if only and name not in only:
+            continue
+        start = time.perf_counter()
+        try:
+            checks[name] = check(argument)
+        except Exception as error:  # noqa: BLE001 - reported
+            checks[name] = f"{type(error).__name__}: {str(error)[:300]}"
+        print(f"{name}: {checks[name]} ({time.perf_counter() - start:.1f} s)", flush=True)
+    faulthandler.cancel_dump_traceback_later()
     out = Path(os.environ.get("BENCH_OUT", ROOT / "bench" / "results")) / "gpu-checks.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if only and out.exists():  # a partial rerun updates the earlier results
+        earlier = json.loads(out.read_text())
+        results["checks"] = {**earlier["checks"], **results["checks"]}
     out.write_text(json.dumps(results, indent=2) + "\n")
 
 

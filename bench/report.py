@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
 # Targets of the model-core issue, per device type: (description, check on a result) pairs.
-STEP_FLATNESS = {"cuda": (65536, 1.3), "cpu": (16384, 1.3)}
+STEP_FLATNESS = {"cuda": (65536, 1.3), "cpu": (16384, 1.3)}  # (context, allowed ratio to the shortest)
 
 
 def _ratio(a: float, b: float) -> str:
@@ -40,22 +40,27 @@ def core_section(result: dict) -> list[str]:
         "",
     ]
     steps = result["steps"]
-    batch_key = next(k for k in steps[0] if k.startswith("ours_batch") and k != "ours_batch1")
+    batch_key = next(k for k in steps[0] if k.startswith("ours_batch") and k.removeprefix("ours_batch").isdigit()
+                     and k != "ours_batch1")
     batch = int(batch_key.removeprefix("ours_batch"))
+    eager = "ours_batch1_eager" in steps[0]
     lines += [
-        f"| context | ours, batch 1 | ours, batch {batch} (tokens/s) | reference cached step, batch 1 | "
-        "reference ÷ ours | ours ÷ ours at the shortest context |",
-        "|---:|---:|---:|---:|---:|---:|",
+        f"| context | ours, batch 1 |{' ours without CUDA graphs |' if eager else ''} ours, batch {batch} "
+        "(tokens/s) | reference cached step, batch 1 | reference ÷ ours | ours ÷ ours at the shortest context |",
+        "|---:|---:|" + ("---:|" if eager else "") + "---:|---:|---:|---:|",
     ]
     base = steps[0]["ours_batch1"]["median_ms"]
     for entry in steps:
         ours, many, ref = entry["ours_batch1"], entry[batch_key], entry["reference_batch1"]
+        extra = f" {entry['ours_batch1_eager']['median_ms']:.2f} ms |" if eager else ""
         lines.append(
-            f"| {entry['context']:,} | {ours['median_ms']:.2f} ms (mean {ours['mean_ms']:.2f}) | "
+            f"| {entry['context']:,} | {ours['median_ms']:.2f} ms (mean {ours['mean_ms']:.2f}) |{extra} "
             f"{many['median_ms']:.2f} ms ({1e3 * batch / many['median_ms']:,.0f}) | {ref['median_ms']:.2f} ms | "
             f"{_ratio(ref['median_ms'], ours['median_ms'])} | {_ratio(ours['median_ms'], base)} |")
     graphs = steps[0]["ours_batch1"].get("cuda_graphs")
-    lines += ["", f"CUDA graphs: {'on' if graphs else 'off'}.", "", "**Full forward** (batch 1, all logits):", "",
+    forward_note = f" (measured {result['forward_date']}, in an earlier run)" if "forward_date" in result else ""
+    lines += ["", f"CUDA graphs: {'on' if graphs else 'off'}.", "",
+              f"**Full forward** (batch 1, all logits){forward_note}:", "",
               "| length | ours | reference | ours ÷ reference | ours peak | reference peak | peak ratio |",
               "|---:|---:|---:|---:|---:|---:|---:|"]
     for entry in result["forward"]:
@@ -71,9 +76,10 @@ def core_section(result: dict) -> list[str]:
     lines += ["", "Targets:", ""]
     by_context = {e["context"]: e for e in steps}
     context, limit = STEP_FLATNESS[device_type]
-    if context in by_context:
-        ratio = by_context[context]["ours_batch1"]["median_ms"] / base
-        lines.append(f"- step at {context:,} ≤ {limit}× step at {steps[0]['context']:,}: {ratio:.2f}× — "
+    longest = max(by_context)
+    if longest >= context * 0.99:  # 64K less the timed steps counts as 64K
+        ratio = by_context[longest]["ours_batch1"]["median_ms"] / base
+        lines.append(f"- step at {longest:,} ≤ {limit}× step at {steps[0]['context']:,}: {ratio:.2f}× — "
                      f"{_verdict(ratio <= limit)}")
     if device_type == "cuda":
         longest = steps[-1]
@@ -95,7 +101,7 @@ def checks_section(result: dict) -> list[str]:
     lines = [f"### GPU correctness checks — {result['device']}, {result['date'][:10]}", "",
              "| check | max abs difference |", "|---|---:|"]
     for name, value in result["checks"].items():
-        lines.append(f"| {name} | {value:.2e} |")
+        lines.append(f"| {name} | {value:.2e} |" if isinstance(value, float) else f"| {name} | {value} |")
     return lines + [""]
 
 

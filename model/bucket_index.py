@@ -43,7 +43,6 @@ class BucketIndex:
         self.tail_capacity = tail_capacity
         rows = torch.arange(slots * heads * rounds, device=device, dtype=torch.int64).view(slots, heads, rounds, 1)
         self.row_offset = rows << ROW_SHIFT
-        self.row_start = rows * max_length  # flat index of each row's first main element
         self.row_pad = self.row_offset + (1 << ROW_SHIFT) - 1
         self.main = self.row_pad.expand(slots, heads, rounds, max_length).contiguous()
         self.main_flat = self.main.view(-1)
@@ -75,42 +74,41 @@ class BucketIndex:
         """Write each row's new key (B, heads, rounds) at its tail position."""
         self.tail[slots, :, :, tail_length] = keys
 
-    def window(self, slots: Tensor, main_length: Tensor, tail_length: Tensor, new_index: Tensor,
-               chunk: int, before: int, after: int) -> Tensor:
-        """Positions (B, heads, rounds, window) of the new token's window in sorted order.
+    def window(self, rows: Tensor, main_length: Tensor, tail_length: Tensor, arange, chunk: int, before: int,
+               after: int) -> Tensor:
+        """Positions (B, heads, rounds, window) of each new token's window in sorted order.
 
-        main_length/tail_length: (B,) counts after the new token was appended to the tail;
-        new_index: (B,) the new token's index in the tail.
+        rows: (B, heads, rounds) row numbers of the stepped slots; main_length: (B,) sorted count;
+        tail_length: (B,) tail count *before* the new token, which `append` wrote at that index;
+        arange: n -> arange(n) on the device (cached by the caller).
         """
         width = chunk * (1 + before + after)
         capacity = self.tail_capacity
-        device = slots.device
-        length = (main_length + tail_length).view(-1, 1, 1, 1)
-        tail = self.tail[slots]  # (B, H, R, T), unsorted, padded with TAIL_PAD
+        new_index = tail_length.view(-1, 1, 1, 1)
+        tail_length = new_index + 1
+        main_length = main_length.view(-1, 1, 1, 1)
+        length = main_length + tail_length
+        row_offset = rows.unsqueeze(-1) << ROW_SHIFT
+        row_start = rows.unsqueeze(-1) * self.max_length
+        tail = self.tail.view(-1, capacity)[rows]  # (B, H, R, T), unsorted, padded with TAIL_PAD
         sorted_tail = torch.sort(tail, dim=-1).values
-        row_offset = self.row_offset[slots]
-        row_start = self.row_start[slots]
         # Rank of every tail key among all keys: main keys below it + tail keys below it.
         below_in_main = torch.searchsorted(self.main_flat, tail + row_offset) - row_start
         tail_rank = below_in_main + torch.searchsorted(sorted_tail, tail)
-        new_rank = tail_rank.gather(-1, new_index.view(-1, 1, 1, 1).expand(*tail.shape[:3], 1))
+        new_rank = tail_rank.gather(-1, new_index.expand(*tail.shape[:3], 1))
         start = (torch.div(new_rank, chunk, rounding_mode="floor") - before) * chunk  # (B, H, R, 1)
         # Main entries that can hold a window rank: indices start - tail .. start + width, modulo length.
-        candidate = torch.remainder(
-            start - tail_length.view(-1, 1, 1, 1) + torch.arange(width + capacity, device=device), length)
-        in_main = candidate < main_length.view(-1, 1, 1, 1)
-        flat = row_start + candidate.clamp(max=self.max_length - 1)
-        candidate_key = self.main_flat[flat] - row_offset
+        candidate = torch.remainder(start - tail_length + arange(width + capacity), length)
+        in_main = candidate < main_length
+        candidate_key = self.main_flat[row_start + candidate.clamp(max=self.max_length - 1)] - row_offset
         candidate_rank = candidate + torch.searchsorted(sorted_tail, candidate_key)
         # Place every entry whose rank falls in the window at its offset; the rest go to a spill column.
-        slots_out = torch.zeros(*tail.shape[:3], width + 1, dtype=torch.int64, device=device)
+        placed = torch.zeros(*tail.shape[:3], width + 1, dtype=torch.int64, device=tail.device)
         main_offset = torch.remainder(candidate_rank - start, length)
         main_offset = torch.where(in_main & (main_offset < width), main_offset, width)
-        slots_out.scatter_(-1, main_offset, candidate_key & POS_MASK)
+        placed.scatter_(-1, main_offset, candidate_key & POS_MASK)
         tail_offset = torch.remainder(tail_rank - start, length)
-        in_tail = torch.arange(capacity, device=device) < tail_length.view(-1, 1, 1, 1)
-        tail_offset = torch.where(in_tail & (tail_offset < width), tail_offset, width)
-        slots_out.scatter_(-1, tail_offset, tail & POS_MASK)
+        tail_offset = torch.where((arange(capacity) < tail_length) & (tail_offset < width), tail_offset, width)
+        placed.scatter_(-1, tail_offset, tail & POS_MASK)
         # Ranks repeat modulo a length shorter than the window (the reference gathers duplicates then).
-        wrap = torch.remainder(torch.arange(width, device=device), length)
-        return slots_out.gather(-1, wrap.expand(*tail.shape[:3], width))
+        return placed.gather(-1, torch.remainder(arange(width), length).expand(*tail.shape[:3], width))

@@ -71,9 +71,11 @@ def _chunk_attention(
 
 
 def supported(queries: Tensor) -> bool:
-    """Shapes the kernel handles: chunks a multiple of 16 and a head size of at least 16."""
+    """Shapes the kernel handles: chunks a multiple of 16, a head size of at least 16, and on a GPU 16-bit
+    inputs (fp32 dots in IEEE precision made ptxas run for minutes on an H200; fp32 takes the torch path)."""
     chunk, dim = queries.shape[-2], queries.shape[-1]
-    return chunk % 16 == 0 and 16 <= dim <= 256
+    half = queries.dtype in (torch.float16, torch.bfloat16) or not queries.is_cuda
+    return chunk % 16 == 0 and 16 <= dim <= 256 and half
 
 
 def chunk_attention(queries: Tensor, keys: Tensor, values: Tensor, positions: Tensor, key_valid: Tensor | None, *,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .attention import hash_vectors, mask_values, normalize_keys, softmax_with_lse
+from .attention import hash_vectors, logsumexp, mask_values, normalize_keys, softmax_with_lse
 from .bucket_index import BucketIndex, bucket_keys
 from .reformer import ReformerLM
 
@@ -75,6 +75,11 @@ class Decoder:
             if kind == "lsh" else None for kind in config.attn_layers]
         self.slots = [SlotState() for _ in range(num_slots)]
         self._free = list(range(num_slots))
+        # Fused projections (one matmul per layer) and index ranges, made once so a step launches fewer kernels.
+        self._projections = [torch.cat([p.weight for p in (
+            (block.attn.qk, block.attn.v) if block.kind == "lsh" else (block.attn.q, block.attn.k, block.attn.v))])
+            for block in model.layers]
+        self._ranges: dict[int, Tensor] = {}
         use_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._graphs = _GraphCache(self) if use_graphs else None
 
@@ -211,6 +216,12 @@ class Decoder:
         state.main_length += state.tail_length
         state.tail_length = 0
 
+    def _range(self, length: int) -> Tensor:
+        """arange(length) on the device, made once (inside a CUDA graph each arange is a kernel launch)."""
+        if length not in self._ranges:
+            self._ranges[length] = torch.arange(length, device=self.device)
+        return self._ranges[length]
+
     @torch.inference_mode()
     def step_tensors(self, tokens: Tensor, slots: Tensor, positions: Tensor, main_length: Tensor,
                      tail_length: Tensor, hashed: Tensor) -> Tensor:
@@ -218,16 +229,22 @@ class Decoder:
 
         All arguments are (B,) int64 on the model's device; `positions` is each slot's current length.
         """
-        model = self.model
+        model, config = self.model, self.config
+        step = _StepRows(
+            slots=slots, positions=positions, main_length=main_length, tail_length=tail_length,
+            hashed=hashed.bool().view(-1, 1, 1, 1),
+            cache_rows=((slots.view(-1, 1) * config.num_attention_heads + self._range(config.num_attention_heads))
+                        * self.max_length),
+            index_rows=(slots.view(-1, 1, 1) * config.num_attention_heads + self._range(config.num_attention_heads)
+                        .view(1, -1, 1)) * config.num_hashes + self._range(config.num_hashes))
         x = model.embed(tokens.unsqueeze(1), positions.unsqueeze(1))  # (B, 1, hidden)
         x1 = x2 = x
         for layer, block in enumerate(model.layers):
             h = block.attn_norm(x2)[:, 0]
             if block.kind == "lsh":
-                context = self._lsh_step(layer, block.attn, h, slots, positions, main_length, tail_length,
-                                         hashed.bool())
+                context = self._lsh_step(layer, block.attn, h, step)
             else:
-                context = self._local_step(layer, block.attn, h, slots, positions)
+                context = self._local_step(layer, block.attn, h, step)
             x1 = x1 + block.attn.out(context).unsqueeze(1)
             x2 = x2 + block.ff(x1)
         return model.logits(model.final_hidden(x1, x2)[:, 0]).float()
@@ -239,67 +256,75 @@ class Decoder:
         cache[slots, :, positions, :size] = keys
         cache[slots, :, positions, size:] = values
 
-    def _gather(self, layer: int, slots: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """positions (B, H, ..., W) -> keys, values (B, H, ..., W, d) of those slots' cached tokens."""
+    def _gather(self, layer: int, step: _StepRows, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """positions (B, H, ..., W) -> keys, values (B, H, ..., W, d) of the stepped slots' cached tokens."""
         cache = self.kv[layer]
-        total, heads, length, size = cache.shape
-        base = (slots.view(-1, 1) * heads + torch.arange(heads, device=slots.device)) * length  # (B, H)
-        base = base.view(*base.shape, *([1] * (positions.dim() - 2)))
+        size = cache.shape[-1]
+        base = step.cache_rows.view(*step.cache_rows.shape, *([1] * (positions.dim() - 2)))
         rows = cache.view(-1, size)[base + positions]
         return rows[..., : size // 2], rows[..., size // 2:]
 
-    def _local_step(self, layer: int, attn, h: Tensor, slots: Tensor, positions: Tensor) -> Tensor:
-        batch = h.shape[0]
-        q = attn.q(h).view(batch, attn.heads, attn.head_size)
-        k = attn.k(h).view(batch, attn.heads, attn.head_size) / math.sqrt(attn.head_size)
-        v = attn.v(h).view(batch, attn.heads, attn.head_size)
-        self._store(layer, slots, positions, k, v)
-        width = attn.chunk * (attn.before + 1)
-        start = (torch.div(positions, attn.chunk, rounding_mode="floor") - attn.before).clamp(min=0) * attn.chunk
-        window = start.view(-1, 1) + torch.arange(width, device=h.device)  # (B, W)
-        valid = window <= positions.view(-1, 1)
-        window = window.clamp(max=self.max_length - 1).unsqueeze(1).expand(-1, attn.heads, -1)
-        keys, values = self._gather(layer, slots, window)  # (B, H, W, d)
-        masked, _ = mask_values(keys.dtype)
-        scores = torch.einsum("bhd,bhwd->bhw", q, keys).float()
-        scores = scores.masked_fill(~valid.unsqueeze(1), masked)
-        probs, _ = softmax_with_lse(scores)
-        return torch.einsum("bhw,bhwd->bhd", probs.to(values.dtype), values).reshape(batch, -1)
-
-    def _lsh_step(self, layer: int, attn, h: Tensor, slots: Tensor, positions: Tensor, main_length: Tensor,
-                  tail_length: Tensor, hashed: Tensor) -> Tensor:
+    def _local_step(self, layer: int, attn, h: Tensor, step: _StepRows) -> Tensor:
         batch, heads, size = h.shape[0], attn.heads, attn.head_size
-        qk = attn.qk(h).view(batch, heads, size)
-        v = attn.v(h).view(batch, heads, size)
-        self._store(layer, slots, positions, normalize_keys(qk), v)
+        q, k, v = (h @ self._projections[layer].t()).view(batch, 3, heads, size).unbind(1)
+        self._store(layer, step.slots, step.positions, k / math.sqrt(size), v)
+        width = attn.chunk * (attn.before + 1)
+        start = (torch.div(step.positions, attn.chunk, rounding_mode="floor") - attn.before).clamp(min=0) * attn.chunk
+        window = start.view(-1, 1) + self._range(width)  # (B, W)
+        valid = window <= step.positions.view(-1, 1)
+        window = window.clamp(max=self.max_length - 1).unsqueeze(1).expand(-1, heads, -1)
+        keys, values = self._gather(layer, step, window)  # (B, H, W, d)
+        masked, _ = mask_values(keys.dtype)
+        scores = (keys @ q.unsqueeze(-1)).squeeze(-1).float()
+        scores.masked_fill_(~valid.unsqueeze(1), masked)
+        probs, _ = softmax_with_lse(scores)
+        return (probs.to(values.dtype).unsqueeze(-2) @ values).reshape(batch, -1)
+
+    def _lsh_step(self, layer: int, attn, h: Tensor, step: _StepRows) -> Tensor:
+        batch, heads, size = h.shape[0], attn.heads, attn.head_size
+        qk, v = (h @ self._projections[layer].t()).view(batch, 2, heads, size).unbind(1)
+        self._store(layer, step.slots, step.positions, normalize_keys(qk), v)
         index = self.index[layer]
         buckets = hash_vectors(qk.unsqueeze(2), attn.rotations, attn.num_buckets)[..., 0]  # (B, H, R)
-        index.append(slots, tail_length, bucket_keys(buckets, positions.view(-1, 1, 1)))
+        index.append(step.slots, step.tail_length, bucket_keys(buckets, step.positions.view(-1, 1, 1)))
         width = attn.chunk * (1 + attn.before + attn.after)
-        window = index.window(slots, main_length, tail_length + 1, tail_length, attn.chunk, attn.before, attn.after)
+        window = index.window(step.index_rows, step.main_length, step.tail_length, self._range, attn.chunk,
+                              attn.before, attn.after)
         # Before the sequence reaches the chunk length the reference attends to every token (one round).
         full = max(width, attn.chunk + 1)
-        everything = torch.arange(full, device=h.device)
+        everything = self._range(full)
         if full > width:
             window = torch.cat([window, window.new_zeros(*window.shape[:3], full - width)], dim=-1)
-        hashed4 = hashed.view(-1, 1, 1, 1)
-        window = torch.where(hashed4, window, everything.clamp(max=self.max_length - 1))
-        valid = torch.where(hashed4, everything < width, everything <= positions.view(-1, 1, 1, 1))
-        keys, values = self._gather(layer, slots, window)  # (B, H, R, W, d)
+        window = torch.where(step.hashed, window, everything.clamp(max=self.max_length - 1))
+        valid = torch.where(step.hashed, everything < width, everything <= step.positions.view(-1, 1, 1, 1))
+        keys, values = self._gather(layer, step, window)  # (B, H, R, W, d)
         masked, self_value = mask_values(keys.dtype)
-        scores = torch.einsum("bhd,bhrwd->bhrw", qk, keys).float()
-        scores = scores.masked_fill(window == positions.view(-1, 1, 1, 1), self_value)
-        scores = scores.masked_fill(~valid, masked)
+        scores = (keys @ qk.view(batch, heads, 1, size, 1)).squeeze(-1).float()  # (B, H, R, W)
+        scores.masked_fill_(window == step.positions.view(-1, 1, 1, 1), self_value)
+        scores.masked_fill_(~valid, masked)
         probs, lse = softmax_with_lse(scores)
-        rounds = torch.einsum("bhrw,bhrwd->bhrd", probs.to(values.dtype), values).float()
+        rounds = (probs.to(values.dtype).unsqueeze(-2) @ values).squeeze(-2).float()  # (B, H, R, d)
         if attn.rounds > 1:
             lse = lse.unsqueeze(-1)
-            weights = torch.exp(lse - torch.logsumexp(lse, dim=2, keepdim=True))
+            weights = torch.exp(lse - logsumexp(lse, 2))
             combined = torch.sum(rounds * weights, dim=2)
-            context = torch.where(hashed.view(-1, 1, 1), combined, rounds[:, :, 0])
+            context = torch.where(step.hashed.view(-1, 1, 1), combined, rounds[:, :, 0])
         else:
             context = rounds[:, :, 0]
         return context.to(values.dtype).reshape(batch, -1)
+
+
+@dataclass
+class _StepRows:
+    """Per-step index tensors shared by every layer of one decode step."""
+
+    slots: Tensor  # (B,)
+    positions: Tensor  # (B,) the new token's position (= cached length before the step)
+    main_length: Tensor  # (B,) sorted part of the bucket index
+    tail_length: Tensor  # (B,) unsorted tail before the new token
+    hashed: Tensor  # (B, 1, 1, 1) bool
+    cache_rows: Tensor  # (B, H) first flat row of each (slot, head) in a key/value cache
+    index_rows: Tensor  # (B, H, R) row of each (slot, head, round) in a bucket index
 
 
 class _GraphCache:

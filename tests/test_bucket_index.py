@@ -36,7 +36,8 @@ def test_window_equals_full_sort(case):
         tails = torch.tensor([state[s][1] for s in range(slots)])
         mains = torch.tensor([state[s][0] for s in range(slots)])
         index.append(torch.arange(slots), tails, bucket_keys(new, positions.view(-1, 1, 1)))
-        window = index.window(torch.arange(slots), mains, tails + 1, tails, chunk, before, after)
+        rows = (torch.arange(slots).view(-1, 1, 1) * heads + torch.arange(heads).view(1, -1, 1)) * rounds
+        window = index.window(rows + torch.arange(rounds), mains, tails, torch.arange, chunk, before, after)
         for slot in range(slots):
             history[slot] = torch.cat([history[slot], new[slot].unsqueeze(-1)], dim=-1)
             assert torch.equal(window[slot], brute_force_window(history[slot], chunk, before, after))

@@ -47,6 +47,10 @@ with torch.no_grad():
     actual = ours(ids)
 assert attention.ATTENTION_BACKEND == "triton"
 assert (expected - actual).abs().max() <= 1e-5, (expected - actual).abs().max()
+for dtype in (torch.float16, torch.bfloat16):  # the kernel returns an fp32 lse beside half outputs
+    with torch.no_grad():
+        half = ours.to(dtype)(ids)
+    assert half.dtype == dtype and torch.isfinite(half).all()
 print("ok")
 """
 
