@@ -15,6 +15,7 @@ evict sequences between steps without touching the others.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from torch import Tensor
 from .attention import hash_vectors, logsumexp, mask_values, normalize_keys, softmax_with_lse
 from .bucket_index import BucketIndex, bucket_keys
 from .reformer import ReformerLM
+
+log = logging.getLogger(__name__)
 
 
 class ContextLengthError(ValueError):
@@ -183,8 +186,8 @@ class Decoder:
     # ---- decode step ----------------------------------------------------------------------------------
     def step(self, slots: Sequence[int], tokens: Sequence[int]) -> Tensor:
         """Append one token to each listed slot; returns next-token logits (B, vocab) in fp32."""
-        if len(slots) != len(tokens) or not slots:
-            raise ValueError("step needs one token per slot and at least one slot")
+        if len(slots) != len(tokens) or not slots or len(set(slots)) != len(slots):
+            raise ValueError("step needs one token for each of one or more distinct slots")
         states = [self.slots[s] for s in slots]
         for slot, state in zip(slots, states):
             if not state.active or state.length < 1:
@@ -366,8 +369,9 @@ class _GraphCache:
         if size not in self.graphs:
             try:
                 self.graphs[size] = self._capture(size)
-            except RuntimeError:
-                self.failed = True  # fall back to eager steps (logged by the caller's metrics)
+            except RuntimeError as error:
+                log.warning("CUDA graph capture failed, decoding eagerly from now on: %s", error)
+                self.failed = True
                 return decoder.step_tensors(*inputs.to(decoder.device))
         graph, static, logits = self.graphs[size]
         padded = torch.zeros(6, size, dtype=torch.long)

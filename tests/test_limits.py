@@ -33,3 +33,17 @@ def test_chunked_feed_forward_gives_identical_results_and_decodes():
     prompt = ids[0, :9].tolist()
     params = SamplingParams(max_tokens=12, temperature=0.0)
     assert generate(chunked, [prompt], params)[0].token_ids == generate(model, [prompt], params)[0].token_ids
+
+
+def test_step_refuses_bad_slot_lists():
+    _, model = build_pair(dict(TINY))
+    decoder = Decoder(model, num_slots=2)
+    slot = decoder.allocate()
+    with pytest.raises(ValueError, match="no prefilled sequence"):
+        decoder.step([slot], [5])
+    decoder.prefill([(slot, [4, 5, 6])])
+    with pytest.raises(ValueError, match="distinct"):
+        decoder.step([slot, slot], [5, 6])
+    with pytest.raises(ValueError, match="not allocated"):
+        decoder.prefill([(1, [4, 5])])
+    assert decoder.step([slot], [7]).shape == (1, TINY["vocab_size"])
