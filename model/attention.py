@@ -19,8 +19,9 @@ from torch import Tensor, nn
 
 from .config import ReformerConfig
 
-# Scores are processed in blocks of chunks no larger than this many elements.
-DEFAULT_BLOCK_ELEMENTS = 1 << 25
+# Scores are processed in blocks of chunks of at most this many elements: small blocks stay in a CPU's
+# caches (a 4K forward ran 30% faster with 2**20 than with 2**25); a GPU wants fewer, larger launches.
+BLOCK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 25}
 
 # "auto": the fused Triton kernel for inference on CUDA when it applies, else torch; "torch": always torch;
 # "triton": always the kernel (on a CPU only under TRITON_INTERPRET=1, which the tests use).
@@ -135,7 +136,7 @@ def chunked_attention(
     causal: bool,
     self_mask: bool,
     dropout: float = 0.0,
-    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    block_elements: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention of each chunk to its neighbouring chunks (circular), in memory-bounded blocks.
 
@@ -153,7 +154,8 @@ def chunked_attention(
     out = queries.new_empty(queries.shape)
     lse = queries.new_empty(queries.shape[:-1])
     per_chunk = max(1, batch * heads * chunk * window)
-    step = max(1, block_elements // per_chunk)
+    budget = block_elements or BLOCK_ELEMENTS.get(queries.device.type, BLOCK_ELEMENTS["cuda"])
+    step = max(1, budget // per_chunk)
     device = queries.device
     for first in range(0, count, step):
         index = torch.arange(first, min(first + step, count), device=device)
