@@ -206,26 +206,39 @@ def full_attention(queries: Tensor, keys: Tensor, values: Tensor, key_valid: Ten
     return torch.matmul(probs, values)
 
 
-class LSHSelfAttention(nn.Module):
+class _ChunkedSelfAttention(nn.Module):
+    """What both kinds share: heads, a chunk length with neighbours, the output projection."""
+
+    kind = ""
+
+    def __init__(self, config: ReformerConfig):
+        super().__init__()
+        prefix = self.kind
+        self.heads = config.num_attention_heads
+        self.head_size = config.attention_head_size
+        self.chunk = getattr(config, f"{prefix}_attn_chunk_length")
+        self.before = getattr(config, f"{prefix}_num_chunks_before")
+        self.after = getattr(config, f"{prefix}_num_chunks_after")
+        self.dropout = getattr(config, f"{prefix}_attention_probs_dropout_prob")
+        self.causal = config.is_decoder
+        self.out = nn.Linear(config.all_head_size, config.hidden_size, bias=False)
+
+    def _projection(self, config: ReformerConfig) -> nn.Linear:
+        return nn.Linear(config.hidden_size, config.all_head_size, bias=False)
+
+
+class LSHSelfAttention(_ChunkedSelfAttention):
     """Shared-QK attention inside sorted hash buckets (Kitaev et al. 2020, section 3)."""
 
     kind = "lsh"
 
     def __init__(self, config: ReformerConfig):
-        super().__init__()
-        self.heads = config.num_attention_heads
-        self.head_size = config.attention_head_size
-        self.chunk = config.lsh_attn_chunk_length
-        self.before = config.lsh_num_chunks_before
-        self.after = config.lsh_num_chunks_after
+        super().__init__(config)
         self.rounds = config.num_hashes
         self.num_buckets = config.num_buckets
         self.total_buckets = config.total_buckets
-        self.causal = config.is_decoder
-        self.dropout = config.lsh_attention_probs_dropout_prob
-        self.qk = nn.Linear(config.hidden_size, config.all_head_size, bias=False)
-        self.v = nn.Linear(config.hidden_size, config.all_head_size, bias=False)
-        self.out = nn.Linear(config.all_head_size, config.hidden_size, bias=False)
+        self.qk = self._projection(config)
+        self.v = self._projection(config)
         # Fixed random rotations, drawn exactly as the reference draws them from `hash_seed` (CPU, fp32),
         # and kept in fp32 whatever dtype the rest of the model is cast to.
         generator = torch.Generator().manual_seed(config.hash_seed)
@@ -298,24 +311,16 @@ class LSHSelfAttention(nn.Module):
         return torch.sum(unsorted * weights.unsqueeze(-1).to(unsorted.dtype), dim=2)
 
 
-class LocalSelfAttention(nn.Module):
+class LocalSelfAttention(_ChunkedSelfAttention):
     """Attention within fixed chunks of the sequence and their neighbours."""
 
     kind = "local"
 
     def __init__(self, config: ReformerConfig):
-        super().__init__()
-        self.heads = config.num_attention_heads
-        self.head_size = config.attention_head_size
-        self.chunk = config.local_attn_chunk_length
-        self.before = config.local_num_chunks_before
-        self.after = config.local_num_chunks_after
-        self.causal = config.is_decoder
-        self.dropout = config.local_attention_probs_dropout_prob
-        self.q = nn.Linear(config.hidden_size, config.all_head_size, bias=False)
-        self.k = nn.Linear(config.hidden_size, config.all_head_size, bias=False)
-        self.v = nn.Linear(config.hidden_size, config.all_head_size, bias=False)
-        self.out = nn.Linear(config.all_head_size, config.hidden_size, bias=False)
+        super().__init__(config)
+        self.q = self._projection(config)
+        self.k = self._projection(config)
+        self.v = self._projection(config)
 
     def forward(self, hidden: Tensor, attention_mask: Tensor | None = None, *,
                 want_kv: bool = False) -> tuple[Tensor, LayerKV | None]:
