@@ -25,7 +25,8 @@ from torch import Tensor
 
 from .attention import hash_vectors, logsumexp, mask_values, normalize_keys, softmax_with_lse
 from .bucket_index import BucketIndex, bucket_keys
-from .reformer import ReformerLM
+from .embed import length_groups
+from .reformer import ReformerLM, pad_batch, run_layers
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class Decoder:
     """A slot pool over one model: prefill prompts into slots, then step many slots at once."""
 
     def __init__(self, model: ReformerLM, num_slots: int, max_length: int | None = None, *,
-                 tail_capacity: int = 64, cuda_graphs: bool | None = None):
+                 tail_capacity: int = 64, cuda_graphs: bool | None = None, prefill_batch_tokens: int = 65536):
         config = model.config
         if not config.is_decoder:
             raise ValueError("incremental decoding needs a causal model (is_decoder=True)")
@@ -64,6 +65,7 @@ class Decoder:
         self.num_slots = num_slots
         self.max_length = min(max_length or config.max_positions, config.max_positions)
         self.tail_capacity = tail_capacity
+        self.prefill_batch_tokens = prefill_batch_tokens  # padded tokens in one batched forward
         device, dtype = model.device, model.dtype
         self.device = device
         heads, size = config.num_attention_heads, config.attention_head_size
@@ -146,38 +148,27 @@ class Decoder:
                 raise ValueError(f"slot {slot} is not allocated")
             if len(ids) > self.max_length or len(ids) < 1:
                 raise ContextLengthError(f"prompt of {len(ids)} tokens does not fit 1..{self.max_length}")
-        order = sorted(range(len(prompts)), key=lambda i: config.padded_length(len(prompts[i][1])))
         last = [None] * len(prompts)
         every = [None] * len(prompts)
-        groups: dict[int, list[int]] = {}
-        for i in order:
-            groups.setdefault(config.padded_length(len(prompts[i][1])), []).append(i)
-        with torch.inference_mode():
-            for padded, members in groups.items():
-                ids = torch.full((len(members), padded), config.pad_token_id, dtype=torch.long)
-                mask = torch.zeros(len(members), padded, dtype=torch.bool)
-                for row, i in enumerate(members):
-                    tokens = torch.as_tensor(list(prompts[i][1]), dtype=torch.long)
-                    ids[row, : len(tokens)] = tokens
-                    mask[row, : len(tokens)] = True
-                ids, mask = ids.to(self.device), mask.to(self.device)
-                attention_mask = None if bool(mask.all()) else mask
-                x1 = x2 = None
-                for layer, x1, x2, kv in model.layer_states(ids, attention_mask, want_kv=True):
+        lengths = [len(ids) for _, ids in prompts]
+        for members, padded in length_groups(lengths, config.padded_length, self.prefill_batch_tokens):
+            ids, mask = pad_batch([prompts[i][1] for i in members], padded, config.pad_token_id, self.device)
+            x1 = x2 = None
+            for layer, x1, x2, kv in run_layers(model, ids, mask, want_kv=True):
+                with torch.inference_mode():
                     for row, i in enumerate(members):
-                        slot, length = prompts[i][0], len(prompts[i][1])
+                        slot, length = prompts[i][0], lengths[i]
                         self._store(layer, slot, slice(0, length), kv.keys[row, :, :length],
                                     kv.values[row, :, :length])
                         if self.index[layer] is not None:
                             self.index[layer].build(slot, kv.buckets[row, :, :, :length])
-                    yield
+                yield
+            with torch.inference_mode():
                 hidden = model.final_hidden(x1, x2)
                 for row, i in enumerate(members):
-                    slot, length = prompts[i][0], len(prompts[i][1])
-                    state = self.slots[slot]
-                    state.length = state.main_length = length
-                    state.tail_length = 0
-                    state.hashed = padded > config.lsh_attn_chunk_length
+                    slot, length = prompts[i][0], lengths[i]
+                    self.slots[slot] = SlotState(length=length, main_length=length, active=True,
+                                                 hashed=padded > config.lsh_attn_chunk_length)
                     last[i] = model.logits(hidden[row, length - 1]).float()
                     if prompt_logits:
                         every[i] = model.logits(hidden[row, :length]).float()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .reformer import ReformerLM
+from .reformer import ReformerLM, pad_batch, run_layers
 
 POOLINGS = ("mean", "first", "last", "max")
 
@@ -28,7 +28,6 @@ def pool(hidden: Tensor, mask: Tensor, pooling: str) -> Tensor:
     raise ValueError(f"'pooling' must be one of {POOLINGS}, got {pooling!r}")
 
 
-@torch.inference_mode()
 def embed(model: ReformerLM, documents: Sequence[Sequence[int]], *, pooling: str = "mean",
           normalize: bool = False, max_batch_tokens: int = 65536) -> Tensor:
     """Embed token-id documents (each up to the model's maximum length) -> (n, 2*hidden) fp32 on the CPU.
@@ -36,6 +35,17 @@ def embed(model: ReformerLM, documents: Sequence[Sequence[int]], *, pooling: str
     Documents are grouped by padded length and packed under `max_batch_tokens`, so each is computed
     exactly as it would be alone.
     """
+    job = embed_steps(model, documents, pooling=pooling, normalize=normalize, max_batch_tokens=max_batch_tokens)
+    while True:
+        try:
+            next(job)
+        except StopIteration as done:
+            return done.value
+
+
+def embed_steps(model: ReformerLM, documents: Sequence[Sequence[int]], *, pooling: str = "mean",
+                normalize: bool = False, max_batch_tokens: int = 65536) -> Iterator[None]:
+    """Generator form of `embed`: yields after every layer, returns the embeddings."""
     if pooling not in POOLINGS:
         raise ValueError(f"'pooling' must be one of {POOLINGS}, got {pooling!r}")
     config = model.config
@@ -43,25 +53,24 @@ def embed(model: ReformerLM, documents: Sequence[Sequence[int]], *, pooling: str
         if not 1 <= len(document) <= config.max_positions:
             raise ValueError(f"a document of {len(document)} tokens is outside 1..{config.max_positions}")
     out = torch.empty(len(documents), 2 * config.hidden_size)
-    order = sorted(range(len(documents)), key=lambda i: config.padded_length(len(documents[i])))
-    batch: list[int] = []
-    for position, i in enumerate(order):
-        batch.append(i)
-        padded = config.padded_length(len(documents[i]))
-        following = order[position + 1] if position + 1 < len(order) else None
-        same_next = following is not None and config.padded_length(len(documents[following])) == padded
-        if not same_next or (len(batch) + 1) * padded > max_batch_tokens:
-            out[batch] = _embed_group(model, [documents[j] for j in batch], padded, pooling).float().cpu()
-            batch = []
+    for members, padded in length_groups([len(d) for d in documents], config.padded_length, max_batch_tokens):
+        ids, mask = pad_batch([documents[i] for i in members], padded, config.pad_token_id, model.device)
+        x1 = x2 = None
+        for _, x1, x2, _ in run_layers(model, ids, mask):
+            yield
+        with torch.inference_mode():
+            out[members] = pool(model.final_hidden(x1, x2).float(), mask, pooling).cpu()
     return F.normalize(out, dim=-1) if normalize else out
 
 
-def _embed_group(model: ReformerLM, documents: list[Sequence[int]], padded: int, pooling: str) -> Tensor:
-    ids = torch.full((len(documents), padded), model.config.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(len(documents), padded, dtype=torch.bool)
-    for row, document in enumerate(documents):
-        ids[row, : len(document)] = torch.as_tensor(list(document), dtype=torch.long)
-        mask[row, : len(document)] = True
-    ids, mask = ids.to(model.device), mask.to(model.device)
-    hidden = model.hidden_states(ids, None if bool(mask.all()) else mask)
-    return pool(hidden.float(), mask, pooling)
+def length_groups(lengths: Sequence[int], padded_length, max_batch_tokens: int) -> list[tuple[list[int], int]]:
+    """Indices grouped by padded length (a group computes what each member would alone), each group
+    holding at most `max_batch_tokens` padded tokens (but always at least one member)."""
+    groups: list[tuple[list[int], int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: padded_length(lengths[i])):
+        padded = padded_length(lengths[i])
+        if groups and groups[-1][1] == padded and (len(groups[-1][0]) + 1) * padded <= max_batch_tokens:
+            groups[-1][0].append(i)
+        else:
+            groups.append(([i], padded))
+    return groups

@@ -111,6 +111,33 @@ class ReformerBlock(nn.Module):
         return y1, y2, kv
 
 
+def pad_batch(sequences: list, length: int, pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Right-pad token-id sequences to `length`: ids (B, length) and a mask of real tokens (B, length)."""
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(sequences), length, dtype=torch.bool)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = torch.as_tensor(list(sequence), dtype=torch.long)
+        mask[row, : len(sequence)] = True
+    return ids.to(device), mask.to(device)
+
+
+def run_layers(model: ReformerLM, ids: Tensor, mask: Tensor, *, want_kv: bool = False):
+    """Advance a full forward one block per `next()`, each under inference mode.
+
+    Generators that yield between blocks may be resumed on another thread, where a `with` block opened
+    before the yield would not be in force (grad modes are thread-local): so each step enters its own.
+    Yields (layer, x1, x2, kv) like `ReformerLM.layer_states`.
+    """
+    states = model.layer_states(ids, None if bool(mask.all()) else mask, want_kv=want_kv)
+    while True:
+        with torch.inference_mode():
+            try:
+                item = next(states)
+            except StopIteration:
+                return
+        yield item
+
+
 @dataclass
 class PaddedInput:
     """Input ids padded the way the reference pads them, and what to cut back afterwards."""
