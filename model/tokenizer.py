@@ -15,6 +15,8 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: list[int]) -> str: ...
 
+    def token_text(self, token: int) -> str: ...
+
 
 class ByteTokenizer:
     """id = byte + 2; 0 is padding, 1 unused, 2 end of sequence (so a NUL byte reads as end of sequence)."""
@@ -34,6 +36,15 @@ class ByteTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
+    def token_text(self, token: int) -> str:
+        """One token as a string for logprobs (bytes that are not ASCII are written as in OpenAI's API)."""
+        if token == self.eos_id:
+            return "</s>"
+        if not self.OFFSET < token < self.vocab_size:
+            return ""
+        byte = token - self.OFFSET
+        return chr(byte) if byte < 128 else f"bytes:\\x{byte:02x}"
+
 
 class SentencePieceTokenizer:
     def __init__(self, model_file: str | Path):
@@ -51,6 +62,9 @@ class SentencePieceTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.processor.decode([i for i in ids if 0 <= i < self.vocab_size])
+
+    def token_text(self, token: int) -> str:
+        return self.processor.id_to_piece(token) if 0 <= token < self.vocab_size else ""
 
 
 def load_tokenizer(checkpoint: str | Path | None) -> Tokenizer:

@@ -1,0 +1,78 @@
+"""Prometheus metrics shared by the HTTP processes and the engine worker (multiprocess mode).
+
+Names follow vLLM where a metric exists there, so existing dashboards work; ours are `reformer:*`.
+PROMETHEUS_MULTIPROC_DIR must be set before prometheus_client is first imported (server.app does it),
+which is why the import happens here, lazily.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0,
+                   80.0, 160.0, 640.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def prepare_directory(path: str | None = None) -> str:
+    """Choose (and empty) the directory where every process writes its metric files."""
+    path = path or os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="reformer-metrics-")
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):
+        if name.endswith(".db"):
+            os.remove(os.path.join(path, name))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path
+
+
+class Metrics:
+    def __init__(self):
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token (arrival to first text).",
+                              buckets=LATENCY_BUCKETS)
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between streamed tokens.",
+                             buckets=LATENCY_BUCKETS)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Arrival to last byte.", buckets=LATENCY_BUCKETS)
+        self.queue = Histogram("vllm:request_queue_time_seconds", "Engine arrival to the start of its prefill.",
+                               buckets=LATENCY_BUCKETS)
+        self.running = Gauge("vllm:num_requests_running", "Sequences decoding.", multiprocess_mode="livesum")
+        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting for the engine.",
+                             multiprocess_mode="livesum")
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt (and embedded) tokens processed.")
+        self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.")
+        self.finished = Counter("vllm:request_success", "Finished requests by reason.", ["finished_reason"])
+        self.batch = Histogram("reformer:decode_batch_size", "Sequences in one decode step.", buckets=BATCH_BUCKETS)
+        self.prefill_rate = Gauge("reformer:prefill_tokens_per_second", "Throughput of the last prefill or "
+                                  "embedding forward.", multiprocess_mode="livesum")
+        self.prefill_tokens = Counter("reformer:prefill_tokens", "Tokens through prefill and embedding forwards.")
+        self.rejected = Counter("reformer:requests_rejected", "Requests refused before the engine, by status.",
+                                ["status"])
+        self.info = Gauge("reformer:info", "What serves: backend, device, model.", ["backend", "device", "model"],
+                          multiprocess_mode="livesum")
+
+    # engine side
+    def engine_state(self, *, running: int, waiting: int) -> None:
+        self.running.set(running)
+        self.waiting.set(waiting)
+
+    def queue_time(self, seconds: float) -> None:
+        self.queue.observe(seconds)
+
+    def decode_batch(self, size: int) -> None:
+        self.batch.observe(size)
+
+    def prefill(self, tokens: int, seconds: float) -> None:
+        self.prefill_tokens.inc(tokens)
+        if seconds > 0:
+            self.prefill_rate.set(tokens / seconds)
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text format of every process's metrics, merged."""
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,98 @@
+"""Server settings: one dataclass shared by the HTTP processes and the engine worker, and its CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model.config import ReformerConfig
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = REPO / "model" / "default"
+API_KEY_ENV = "REFORMER_API_KEY"
+
+
+@dataclass
+class ServerSettings:
+    model: str | None = None  # checkpoint directory (ours or HF); None = the embedded default model
+    served_model_name: str | None = None
+    device: str = "auto"  # auto | cpu | cuda
+    backend: str = "torch"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_running: int = 16  # decode slots (sequences generating at once)
+    max_queued_requests: int = 256  # admitted but unfinished requests; beyond: 429
+    max_queued_tokens: int = 1 << 20  # prompt + embedding tokens admitted but unfinished; beyond: 429
+    prefill_batch_tokens: int = 65536  # padded tokens in one batched prefill or embedding forward
+    request_timeout: float = 600.0  # seconds from arrival; X-Request-Timeout may lower it
+    max_body_bytes: int = 8 << 20
+    max_embedding_inputs: int = 256
+    drain_timeout: float = 30.0  # seconds SIGTERM waits for in-flight requests
+    tail_capacity: int = 64
+    api_servers: int = 1
+    log_level: str = "info"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def model_path(self) -> Path:
+        return Path(self.model) if self.model else DEFAULT_MODEL
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or ("reformer-default" if not self.model else self.model_path.name)
+
+    def model_config(self) -> ReformerConfig:
+        """The checkpoint's config, read without loading weights (the HTTP processes need only limits)."""
+        path = self.model_path
+        if (path / "reformer.json").exists():
+            return ReformerConfig.from_dict(json.loads((path / "reformer.json").read_text())["config"])
+        if (path / "config.json").exists():
+            return ReformerConfig.from_hf_dict(json.loads((path / "config.json").read_text()))
+        if not self.model:
+            raise SystemExit(f"no embedded default model at {path} yet: pass --model DIRECTORY")
+        raise SystemExit(f"--model {path}: no reformer.json or config.json there")
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("--device cuda was asked for, but no CUDA device is available")
+        return self.device
+
+
+def parse_args(argv: list[str] | None = None) -> ServerSettings:
+    defaults = ServerSettings()
+    parser = argparse.ArgumentParser(prog="python -m server", description="Reformer inference server (OpenAI API).")
+    parser.add_argument("--model", help="checkpoint directory (ours or a Hugging Face Reformer); "
+                                        "default: the embedded model")
+    parser.add_argument("--served-model-name", help="the model id clients use (default: from the directory)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=defaults.device)
+    parser.add_argument("--backend", choices=["torch"], default=defaults.backend)
+    parser.add_argument("--host", default=defaults.host, help="0.0.0.0, 127.0.0.1 or ::")
+    parser.add_argument("--port", type=int, default=defaults.port)
+    parser.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
+    parser.add_argument("--max-running", type=int, default=defaults.max_running,
+                        help="sequences decoding at once")
+    parser.add_argument("--max-queued-requests", type=int, default=defaults.max_queued_requests)
+    parser.add_argument("--max-queued-tokens", type=int, default=defaults.max_queued_tokens)
+    parser.add_argument("--prefill-batch-tokens", type=int, default=defaults.prefill_batch_tokens)
+    parser.add_argument("--request-timeout", type=float, default=defaults.request_timeout)
+    parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
+    parser.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout)
+    parser.add_argument("--api-servers", type=int, default=defaults.api_servers,
+                        help="uvicorn processes (limits are enforced per process)")
+    parser.add_argument("--log-level", default=defaults.log_level)
+    args = parser.parse_args(argv)
+    settings = ServerSettings(**{k: v for k, v in vars(args).items() if v is not None})
+    settings.api_key = settings.api_key or os.environ.get(API_KEY_ENV) or None
+    for name in ("max_running", "max_queued_requests", "max_queued_tokens", "prefill_batch_tokens", "port",
+                 "api_servers"):
+        if getattr(settings, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    return settings

@@ -1,0 +1,122 @@
+"""The inference worker: a LitAPI that owns the engine, and the continuous-batching loop that drives it.
+
+LitServe spawns one worker per device; requests arrive on its request queue. Our loop moves them into the
+engine's inbox (`schedule_task`) and runs engine iterations on a worker thread (`run`). The events of one
+iteration go back as one message per HTTP process (not one per token), which keeps LitServe's
+inter-process queue out of the per-token cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import defaultdict
+
+import litserve as ls
+import torch
+from litserve.loops import ContinuousBatchingLoop
+from litserve.utils import LitAPIStatus, LoopResponseType
+
+from model.checkpoint import load_model
+from model.tokenizer import load_tokenizer
+
+from .engine import Engine
+from .settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+ENGINE_UID = "__engine__"  # the response-buffer key under which each HTTP process receives engine events
+_SENTINEL = (None, None, None, None)
+
+
+class EngineLoop(ContinuousBatchingLoop):
+    def __init__(self):
+        super().__init__()
+        self._wake: asyncio.Event | None = None
+
+    def pre_setup(self, lit_api, spec=None):
+        if not lit_api.stream:
+            raise ValueError("the engine loop streams: the LitAPI needs stream=True")
+
+    def _event(self) -> asyncio.Event:
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        return self._wake
+
+    async def schedule_task(self, lit_api, lit_spec, request_queue, transport):
+        """Move requests (and cancellations) from LitServe's queue into the engine's inbox."""
+        wake = self._event()
+        while True:
+            item = await asyncio.to_thread(self.get_request, request_queue, True, 0.1)
+            if item is None:
+                continue
+            if item == _SENTINEL:
+                return
+            route, uid, _, payload = item
+            lit_api.engine.submit({**payload, "uid": payload.get("uid", uid), "route": route})
+            wake.set()
+
+    async def run(self, lit_api, device, worker_id, request_queue, transport, workers_setup_status, callback_runner):
+        engine = lit_api.engine
+        wake = self._event()
+        if not engine.has_work():
+            wake.clear()
+            try:
+                await asyncio.wait_for(wake.wait(), timeout=0.05)
+            except TimeoutError:
+                pass
+            return
+        events = await asyncio.to_thread(engine.iteration)
+        by_route: dict[int, list] = defaultdict(list)
+        for route, event in events:
+            by_route[route].append(event)
+        for route, batch in by_route.items():
+            message = (ENGINE_UID, (batch, LitAPIStatus.OK, LoopResponseType.STREAMING, worker_id))
+            transport.send(message, consumer_id=route)
+
+
+class ReformerAPI(ls.LitAPI):
+    """Loads the model on the worker's device and serves it through one engine (one copy of the weights)."""
+
+    def __init__(self, settings: ServerSettings, spec):
+        super().__init__(stream=True, spec=spec, loop=EngineLoop(), max_batch_size=settings.max_running)
+        self.settings = settings
+        self.engine: Engine | None = None
+
+    def setup(self, device: str) -> None:
+        from .metrics import Metrics
+
+        settings = self.settings
+        if device == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 2)))
+        model = load_model(settings.model_path)
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        model = model.to(device=device, dtype=dtype).eval()
+        metrics = Metrics()
+        metrics.info.labels(backend=settings.backend, device=device, model=settings.model_name).set(1)
+        self.engine = Engine(model, load_tokenizer(settings.model_path), max_running=settings.max_running,
+                             prefill_batch_tokens=settings.prefill_batch_tokens,
+                             tail_capacity=settings.tail_capacity, metrics=metrics)
+        self._warm_up()
+        log.info("engine ready: %s on %s (%s), backend %s, %d decode slots", settings.model_name, device,
+                 str(dtype).removeprefix("torch."), settings.backend, settings.max_running)
+
+    def _warm_up(self) -> None:
+        """One prefill and a few steps before reporting ready (first CUDA kernels, graph capture)."""
+        from model.sampling import SamplingParams
+
+        engine = self.engine
+        engine.submit({"kind": "generate", "uid": "warm-up", "route": -1, "prompt_ids": [3, 4, 5],
+                       "params": SamplingParams(max_tokens=4, temperature=0.0)})
+        while engine.has_work():
+            engine.iteration()
+
+    def has_active_requests(self) -> bool:
+        return self.engine is not None and self.engine.has_work()
+
+    def has_capacity(self) -> bool:
+        return True  # admission is the HTTP processes' job; the engine queues what it is given
+
+    def predict(self, x, **kwargs):  # the engine loop never calls it
+        raise NotImplementedError("requests are served by the engine loop")

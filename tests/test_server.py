@@ -1,0 +1,374 @@
+"""The HTTP server end to end: a real `python -m server` on 127.0.0.1, real clients (httpx, openai)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import torch
+
+from model import ByteTokenizer, SamplingParams, embed, generate, load_model
+from tests.server_harness import API_KEY, RunningServer, tiny_checkpoint
+
+MAX_RUNNING = 8
+MAX_QUEUED = 24
+MAX_BODY = 200_000
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("server") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    running = RunningServer(checkpoint, "--max-running", str(MAX_RUNNING), "--max-queued-requests", str(MAX_QUEUED),
+                            "--max-body-bytes", str(MAX_BODY))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def local_model(checkpoint):
+    return load_model(checkpoint)
+
+
+@pytest.fixture()
+def oai(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+
+
+def sse_events(response: httpx.Response) -> list[dict]:
+    """The data events of an SSE stream, [DONE] last; comment lines are ignored as clients do."""
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[6:]
+            events.append("[DONE]" if data == "[DONE]" else json.loads(data))
+    return events
+
+
+# ---- completions ----------------------------------------------------------------------------------------
+def test_non_streaming_completion_equals_the_core_greedy_generation(server, local_model):
+    prompt = "The Reformer"
+    with server.client() as client:
+        response = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 24, "temperature": 0,
+                                                        "return_token_ids": True})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    choice = body["choices"][0]
+    expected = generate(local_model, [ByteTokenizer().encode(prompt)], SamplingParams(max_tokens=24, temperature=0))
+    assert choice["token_ids"] == expected[0].token_ids
+    assert choice["prompt_token_ids"] == ByteTokenizer().encode(prompt)
+    assert choice["finish_reason"] == "length" and body["object"] == "text_completion"
+    assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 24, "total_tokens": len(prompt) + 24}
+
+
+def test_streaming_completion_over_httpx_has_openai_chunks_usage_and_done(server):
+    payload = {"prompt": "abc", "max_tokens": 10, "stream": True, "temperature": 0, "return_token_ids": True,
+               "stream_options": {"include_usage": True}}
+    with server.client() as client, client.stream("POST", "/v1/completions", json=payload) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    usage = events[-2]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 10
+    final = events[-3]["choices"][0]
+    assert final["finish_reason"] == "length"
+    tokens = [e["choices"][0]["token_ids"][0] for e in events[:-3]]
+    assert len(tokens) == 10
+    with server.client() as client:
+        whole = client.post("/v1/completions", json={**payload, "stream": False}).json()["choices"][0]
+    assert whole["token_ids"] == tokens
+    assert "".join(e["choices"][0]["text"] for e in events[:-2]) == whole["text"]
+
+
+def test_openai_client_streams_and_completes(oai, server):
+    stream = oai.completions.create(model="tiny", prompt="Hello", max_tokens=8, stream=True, temperature=0, seed=3)
+    pieces = [chunk.choices[0].text for chunk in stream if chunk.choices]
+    whole = oai.completions.create(model="tiny", prompt="Hello", max_tokens=8, temperature=0, seed=3)
+    assert "".join(pieces) == whole.choices[0].text
+    assert whole.usage.completion_tokens == 8
+    models = oai.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+
+
+def test_seeded_sampling_is_reproducible(oai):
+    kwargs = dict(model="tiny", prompt="seed", max_tokens=16, temperature=1.0, top_p=0.9, extra_body={"top_k": 40})
+    first = oai.completions.create(seed=7, **kwargs).choices[0].text
+    assert oai.completions.create(seed=7, **kwargs).choices[0].text == first
+
+
+def test_stop_strings_end_the_text_before_the_stop(server, local_model):
+    with server.client() as client:
+        free = client.post("/v1/completions", json={"prompt": "stop test", "max_tokens": 30, "temperature": 0}).json()
+        text = free["choices"][0]["text"]
+        stop = next(c for c in text[3:] if c.isprintable() and c != "\ufffd")
+        stopped = client.post("/v1/completions", json={"prompt": "stop test", "max_tokens": 30, "temperature": 0,
+                                                       "stop": [stop]}).json()["choices"][0]
+    assert stopped["finish_reason"] == "stop"
+    assert stopped["text"] == text[: text.index(stop)]
+
+
+def test_echo_with_logprobs_scores_a_text(server, local_model):
+    prompt = "score me"
+    with server.client() as client:
+        body = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 0, "echo": True,
+                                                    "logprobs": 2}).json()
+    choice = body["choices"][0]
+    ids = ByteTokenizer().encode(prompt)
+    assert choice["text"] == prompt and body["usage"]["completion_tokens"] == 0
+    with torch.no_grad():
+        logprobs = torch.log_softmax(local_model(torch.tensor([ids]))[0], -1)
+    expected = [None] + [float(logprobs[i - 1, ids[i]]) for i in range(1, len(ids))]
+    got = choice["logprobs"]["token_logprobs"]
+    assert got[0] is None and np.allclose(got[1:], expected[1:], atol=1e-4)
+    assert choice["logprobs"]["tokens"] == list(prompt) and len(choice["logprobs"]["top_logprobs"][1]) == 2
+
+
+def test_logprobs_of_generated_tokens(oai):
+    result = oai.completions.create(model="tiny", prompt="lp", max_tokens=5, temperature=0, logprobs=3)
+    logprobs = result.choices[0].logprobs
+    assert len(logprobs.tokens) == 5 and all(lp <= 0 for lp in logprobs.token_logprobs)
+    assert all(len(top) == 3 and max(top.values()) == pytest.approx(lp, abs=1e-5)
+               for top, lp in zip(logprobs.top_logprobs, logprobs.token_logprobs))
+
+
+# ---- batching, latency, cancellation ----------------------------------------------------------------
+def test_sixteen_concurrent_streams_complete_in_shared_batches(server):
+    batches_before = server.metric("reformer:decode_batch_size_count")
+    singles_before = server.metric('reformer:decode_batch_size_bucket{le="1.0"}')
+    results = [None] * 16
+
+    def run(i):
+        payload = {"prompt": f"stream {i}", "max_tokens": 40, "stream": True, "temperature": 0.8, "seed": i}
+        with server.client() as client, client.stream("POST", "/v1/completions", json=payload) as response:
+            results[i] = sse_events(response)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert all(r is not None and r[-1] == "[DONE]" and r[-2]["choices"][0]["finish_reason"] == "length"
+               for r in results)
+    steps = server.metric("reformer:decode_batch_size_count") - batches_before
+    single = server.metric('reformer:decode_batch_size_bucket{le="1.0"}') - singles_before
+    assert steps > 0 and single < steps  # some decode steps carried more than one sequence
+
+
+def test_a_late_request_streams_before_an_earlier_long_one_ends(server):
+    marks = {}
+
+    def long_request():
+        payload = {"prompt": "long", "max_tokens": 400, "stream": True, "temperature": 0}
+        with server.client() as client, client.stream("POST", "/v1/completions", json=payload) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: ") and "long_first" not in marks:
+                    marks["long_first"] = time.monotonic()
+        marks["long_end"] = time.monotonic()
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    while "long_first" not in marks:
+        time.sleep(0.01)
+    with server.client() as client:
+        response = client.post("/v1/completions", json={"prompt": "short", "max_tokens": 3})
+        marks["short_end"] = time.monotonic()
+    thread.join(timeout=120)
+    assert response.status_code == 200
+    assert marks["short_end"] < marks["long_end"]
+
+
+def test_disconnecting_client_frees_its_slot(server):
+    payload = {"prompt": "abandon", "max_tokens": 450, "stream": True, "temperature": 0}
+    with server.client() as client, client.stream("POST", "/v1/completions", json=payload) as response:
+        seen = 0
+        for line in response.iter_lines():
+            seen += line.startswith("data: ")
+            if seen == 3:
+                break  # leave mid-stream: the connection closes with the block
+    deadline = time.monotonic() + 10
+    while server.metric("vllm:num_requests_running") > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.metric("vllm:num_requests_running") == 0
+    assert server.metric('vllm:request_success_total{finished_reason="cancelled"}') >= 1
+
+
+def test_overload_answers_429_with_retry_after(server):
+    statuses, headers, bodies = [], [], []
+    lock = threading.Lock()
+
+    def run():
+        with server.client() as client:
+            response = client.post("/v1/completions", json={"prompt": "load", "max_tokens": 200})
+        with lock:
+            statuses.append(response.status_code)
+            headers.append(response.headers)
+            bodies.append(response.json())
+
+    threads = [threading.Thread(target=run) for _ in range(MAX_QUEUED + 8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=180)
+    assert statuses.count(200) >= MAX_QUEUED and 429 in statuses
+    rejected = statuses.index(429)
+    assert int(headers[rejected]["retry-after"]) >= 1
+    assert bodies[rejected]["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_deadline_header_times_out_a_long_request(server):
+    with server.client() as client:
+        response = client.post("/v1/completions", json={"prompt": "slow", "max_tokens": 480},
+                               headers={"X-Request-Timeout": "0.3"})
+    assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
+
+
+# ---- embeddings -------------------------------------------------------------------------------------
+def test_embeddings_match_the_core_and_encode_as_base64(server, oai, local_model):
+    texts = ["first document", "a second, longer document " * 5]
+    result = oai.embeddings.create(model="tiny", input=texts)
+    vectors = np.array([d.embedding for d in result.data])
+    expected = embed(local_model, [ByteTokenizer().encode(t) for t in texts], normalize=True).numpy()
+    assert np.allclose(vectors, expected, atol=1e-5)
+    assert result.usage.prompt_tokens == sum(len(t) for t in texts)
+    with server.client() as client:
+        body = client.post("/v1/embeddings", json={"input": texts[0], "encoding_format": "base64"}).json()
+    decoded = np.frombuffer(base64.b64decode(body["data"][0]["embedding"]), dtype="<f4")
+    assert np.allclose(decoded, expected[0], atol=1e-5)
+
+
+def test_embeddings_of_token_ids_pooling_and_chunking(server, local_model):
+    ids = ByteTokenizer().encode("x" * 700)  # longer than the 512-token context
+    with server.client() as client:
+        too_long = client.post("/v1/embeddings", json={"input": ids})
+        assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
+        chunked = client.post("/v1/embeddings", json={
+            "input": [ids], "normalize": False, "pooling": "mean",
+            "chunking": {"size": 256, "overlap": 32, "return_chunks": True}}).json()["data"][0]
+        maxed = client.post("/v1/embeddings", json={"input": [ids[:100]], "pooling": "max", "normalize": False}).json()
+    spans = [(c["start"], c["end"]) for c in chunked["chunks"]]
+    assert spans[0] == (0, 256) and spans[-1][1] == 700 and all(b[0] == a[1] - 32 for a, b in zip(spans, spans[1:]))
+    parts = embed(local_model, [ids[s:e] for s, e in spans]).numpy()
+    weights = np.array([e - s for s, e in spans], dtype=np.float64)
+    assert np.allclose(chunked["embedding"], (parts * weights[:, None]).sum(0) / weights.sum(), atol=1e-4)
+    assert np.allclose(maxed["data"][0]["embedding"], embed(local_model, [ids[:100]], pooling="max")[0], atol=1e-5)
+
+
+# ---- small routes -----------------------------------------------------------------------------------
+def test_tokenize_detokenize_health_metrics(server):
+    with server.client() as client:
+        tokens = client.post("/tokenize", json={"prompt": "héllo"}).json()
+        assert tokens["count"] == 6 and tokens["max_model_len"] == 512
+        assert client.post("/detokenize", json={"tokens": tokens["tokens"]}).json()["prompt"] == "héllo"
+    assert httpx.get(f"{server.url}/health").status_code == 200  # open without a key
+    assert httpx.get(f"{server.url}/ready").json()["status"] == "ready"
+    metrics = httpx.get(f"{server.url}/metrics").text
+    for name in ("vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds", "vllm:num_requests_waiting",
+                 "vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds", "vllm:prompt_tokens_total",
+                 "vllm:generation_tokens_total", "reformer:prefill_tokens_per_second", 'reformer:info{backend="torch"'):
+        assert name in metrics, name
+
+
+# ---- bad input ----------------------------------------------------------------------------------------
+BAD_REQUESTS = [
+    ("/v1/completions", {"prompt": 123}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "10"}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"prompt": []}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 10**9}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x" * 600, "max_tokens": 1}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "x", "frobnicate": 1}, 400, "frobnicate"),
+    ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 50}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/v1/completions", {"prompt": [1, 2, 9999]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ["two", "prompts"]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    ("/v1/completions", [1, 2], 400, None),
+    ("/v1/embeddings", {"input": ""}, 400, "input"),
+    ("/v1/embeddings", {"input": []}, 400, "input"),
+    ("/v1/embeddings", {"input": "x", "dimensions": 3}, 400, "dimensions"),
+    ("/v1/embeddings", {"input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
+    ("/v1/embeddings", {"input": "x", "chunking": {"size": 0}}, 400, "chunking"),
+    ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
+]
+
+
+@pytest.mark.parametrize("path, payload, status, param", BAD_REQUESTS)
+def test_bad_requests_get_openai_errors(server, path, payload, status, param):
+    with server.client() as client:
+        response = client.post(path, json=payload)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+
+
+def test_context_overflow_quotes_the_numbers(server):
+    with server.client() as client:
+        error = client.post("/v1/completions", json={"prompt": "x" * 500, "max_tokens": 20}).json()["error"]
+    assert error["code"] == "context_length_exceeded"
+    assert "512" in error["message"] and "520" in error["message"] and "500 in the prompt" in error["message"]
+
+
+def test_malformed_bodies_keys_and_sizes(server):
+    with server.client() as client:
+        invalid_utf8 = client.post("/v1/completions", content=b'{"prompt": "\xff\xfe"}',
+                                   headers={"content-type": "application/json"})
+        truncated = client.post("/v1/completions", content=b'{"prompt": "x"',
+                                headers={"content-type": "application/json"})
+        oversized = client.post("/v1/completions", json={"prompt": "x" * (MAX_BODY + 10)})
+    assert invalid_utf8.status_code == 400 and invalid_utf8.json()["error"]["code"] == "invalid_json"
+    assert truncated.status_code == 400
+    assert oversized.status_code == 413 and oversized.json()["error"]["code"] == "request_too_large"
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        response = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x"}, headers=headers)
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    # and the server still serves
+    with server.client() as client:
+        assert client.post("/v1/completions", json={"prompt": "still here", "max_tokens": 2}).status_code == 200
+    assert server.metric("vllm:num_requests_running") == 0
+
+
+def test_sigterm_drains_in_flight_streams_and_exits(tmp_path):
+    running = RunningServer(tiny_checkpoint(tmp_path / "long", context=8192), "--drain-timeout", "60",
+                            api_key=None)
+    received, started = [], threading.Event()
+
+    def stream():
+        payload = {"prompt": "drain", "max_tokens": 6000, "stream": True, "temperature": 0}
+        with httpx.stream("POST", f"{running.url}/v1/completions", json=payload, timeout=120) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    started.set()
+                    received.append("[DONE]" if line == "data: [DONE]" else json.loads(line[6:]))
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    assert started.wait(60)
+    running.process.terminate()  # SIGTERM to the main process, mid-stream
+    time.sleep(0.5)
+    refused = httpx.post(f"{running.url}/v1/completions", json={"prompt": "late"}, timeout=10)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_shutting_down"
+    assert httpx.get(f"{running.url}/ready", timeout=10).status_code == 503
+    assert running.process.poll() is None  # still draining
+    thread.join(timeout=120)
+    assert received[-1] == "[DONE]" and received[-2]["choices"][0]["finish_reason"] == "length"
+    assert len(received) == 6000 + 2
+    assert running.stop(timeout=60) == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{running.url}/health", timeout=2)
