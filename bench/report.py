@@ -97,6 +97,34 @@ def core_section(result: dict) -> list[str]:
     return lines + [""]
 
 
+def server_section(result: dict) -> list[str]:
+    lines = [
+        f"### {result['device']} — {result['date'][:10]}",
+        "",
+        f"torch {result['torch']}; the core benchmark's model (random weights); prompts of "
+        f"{result['prompt_tokens']} tokens, {result['tokens_per_stream']} tokens generated per stream, greedy.",
+        "",
+        "| streams | engine alone | streamed over HTTP (SSE) | streamed ÷ engine | mean time to first token |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for entry in result["streams"]:
+        engine, streamed = entry["engine"], entry["streamed"]
+        lines.append(f"| {entry['streams']} | {engine['tokens_per_second']:,.1f} tokens/s | "
+                     f"{streamed['tokens_per_second']:,.1f} tokens/s | "
+                     f"{_ratio(streamed['tokens_per_second'], engine['tokens_per_second'])} | "
+                     f"{streamed['mean_first_token'] * 1e3:,.0f} ms |")
+    single = result["streams"][0]
+    overhead = 1 - single["streamed"]["tokens_per_second"] / single["engine"]["tokens_per_second"]
+    lines += ["", f"Cost of the HTTP path (LitServe's queues, SSE, the client) at one stream, where a token "
+                  f"waits for nothing else: {100 * overhead:.0f}% of the engine's time per token — "
+                  + ("over the 10% budget." if overhead > 0.10 else "within the 10% budget."), "",
+              "| prompt tokens | first byte | first token |", "|---:|---:|---:|"]
+    for entry in result["first_token"]:
+        lines.append(f"| {entry['prompt_tokens']:,} | {entry['first_byte'] * 1e3:,.0f} ms | "
+                     f"{entry['first_token'] * 1e3:,.0f} ms |")
+    return lines + [""]
+
+
 def checks_section(result: dict) -> list[str]:
     lines = [f"### GPU correctness checks — {result['device']}, {result['date'][:10]}", "",
              "| check | max abs difference |", "|---|---:|"]
@@ -128,6 +156,15 @@ def main() -> None:
     for result in results:
         if result.get("benchmark") == "gpu_checks":
             lines += checks_section(result)
+    servers = [r for r in results if r.get("benchmark") == "server"]
+    lines += ["## Server: the engine alone vs streamed end to end", "",
+              "`python -m bench.bench_server`: the same engine driven in-process and through a real server on "
+              "127.0.0.1 with concurrent SSE clients; the first byte of a stream is the `: accepted` comment, "
+              "then progress comments during the prefill.", ""]
+    if not any(r["device_type"] == "cuda" for r in servers):
+        lines += ["GPU numbers: pending (no GPU run recorded yet).", ""]
+    for result in servers:
+        lines += server_section(result)
     (ROOT / "BENCHMARKS.md").write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")
 

@@ -72,8 +72,9 @@ class Decoder:
         # One spare slot at the end absorbs the padding rows of a graphed batch.
         total = num_slots + 1
         self.scratch_slot = num_slots
-        # Keys and values side by side, so that one gathered row of a window brings both.
-        self.kv = [torch.zeros(total, heads, self.max_length, 2 * size, dtype=dtype, device=device)
+        # Keys and values side by side, so that one gathered row of a window brings both. Written through
+        # once now: a CPU would otherwise map the pages lazily, at the first steps of each slot.
+        self.kv = [torch.empty(total, heads, self.max_length, 2 * size, dtype=dtype, device=device).zero_()
                    for _ in config.attn_layers]
         self.index: list[BucketIndex | None] = [
             BucketIndex(total, heads, config.num_hashes, self.max_length, tail_capacity, device)
@@ -87,6 +88,15 @@ class Decoder:
         self._ranges: dict[int, Tensor] = {}
         use_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._graphs = _GraphCache(self) if use_graphs else None
+
+    @staticmethod
+    def bytes_per_slot(config, max_length: int, dtype: torch.dtype) -> int:
+        """Memory one slot takes: keys and values of every layer plus the LSH layers' bucket indexes."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        heads, size = config.num_attention_heads, config.attention_head_size
+        kv = config.num_layers * heads * max_length * 2 * size * itemsize
+        index = sum(kind == "lsh" for kind in config.attn_layers) * heads * config.num_hashes * max_length * 8
+        return kv + index
 
     # ---- slots ----------------------------------------------------------------------------------------
     def allocate(self) -> int | None:

@@ -29,7 +29,7 @@ def build_server(settings: ServerSettings):
 
     config = settings.model_config()
     device = settings.resolved_device()
-    info = ModelInfo(name=settings.model_name, max_context=config.max_positions, vocab_size=config.vocab_size,
+    info = ModelInfo(name=settings.model_name, max_context=settings.max_context(config), vocab_size=config.vocab_size,
                      embedding_size=2 * config.hidden_size, created=int(time.time()))
     draining, inflight = mp.Event(), mp.Value("i", 0)
     spec = OpenAISpec(settings, info, draining, inflight)

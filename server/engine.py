@@ -127,11 +127,11 @@ class Work:
 
 
 class Engine:
-    def __init__(self, model: ReformerLM, tokenizer, *, max_running: int = 16, prefill_batch_tokens: int = 65536,
-                 tail_capacity: int = 64, metrics=None):
+    def __init__(self, model: ReformerLM, tokenizer, *, max_running: int = 16, max_length: int | None = None,
+                 prefill_batch_tokens: int = 65536, tail_capacity: int = 64, metrics=None):
         self.model = model
         self.tokenizer = tokenizer
-        self.decoder = Decoder(model, num_slots=max_running, tail_capacity=tail_capacity,
+        self.decoder = Decoder(model, num_slots=max_running, max_length=max_length, tail_capacity=tail_capacity,
                                prefill_batch_tokens=prefill_batch_tokens)
         self.prefill_batch_tokens = prefill_batch_tokens
         self.metrics = metrics

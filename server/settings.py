@@ -24,7 +24,9 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    max_running: int = 16  # decode slots (sequences generating at once)
+    max_running: int = 16  # decode slots (sequences generating at once), fewer if their cache does not fit
+    max_model_len: int | None = None  # longest prompt + completion (default: the model's positions)
+    kv_cache_bytes: int | None = None  # memory for the slots' caches (default: a share of the device's)
     max_queued_requests: int = 256  # admitted but unfinished requests; beyond: 429
     max_queued_tokens: int = 1 << 20  # prompt + embedding tokens admitted but unfinished; beyond: 429
     prefill_batch_tokens: int = 65536  # padded tokens in one batched prefill or embedding forward
@@ -56,6 +58,9 @@ class ServerSettings:
             raise SystemExit(f"no embedded default model at {path} yet: pass --model DIRECTORY")
         raise SystemExit(f"--model {path}: no reformer.json or config.json there")
 
+    def max_context(self, config: ReformerConfig) -> int:
+        return min(config.max_positions, self.max_model_len or config.max_positions)
+
     def resolved_device(self) -> str:
         import torch
 
@@ -79,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> ServerSettings:
     parser.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
     parser.add_argument("--max-running", type=int, default=defaults.max_running,
                         help="sequences decoding at once")
+    parser.add_argument("--max-model-len", type=int, help="longest prompt + completion (default: the model's)")
+    parser.add_argument("--kv-cache-bytes", type=int, help="cache memory for all decode slots (default: half of "
+                                                           "the free GPU memory, a quarter of RAM on a CPU)")
     parser.add_argument("--max-queued-requests", type=int, default=defaults.max_queued_requests)
     parser.add_argument("--max-queued-tokens", type=int, default=defaults.max_queued_tokens)
     parser.add_argument("--prefill-batch-tokens", type=int, default=defaults.prefill_batch_tokens)
@@ -92,7 +100,7 @@ def parse_args(argv: list[str] | None = None) -> ServerSettings:
     settings = ServerSettings(**{k: v for k, v in vars(args).items() if v is not None})
     settings.api_key = settings.api_key or os.environ.get(API_KEY_ENV) or None
     for name in ("max_running", "max_queued_requests", "max_queued_tokens", "prefill_batch_tokens", "port",
-                 "api_servers"):
-        if getattr(settings, name) < 1:
+                 "api_servers", "max_model_len", "kv_cache_bytes"):
+        if getattr(settings, name) is not None and getattr(settings, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return settings

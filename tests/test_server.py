@@ -35,6 +35,15 @@ def server(checkpoint):
 
 
 @pytest.fixture(scope="module")
+def long_server(tmp_path_factory):
+    """A model with 8K positions, two decode slots, room for three requests: long requests stay in flight."""
+    running = RunningServer(tiny_checkpoint(tmp_path_factory.mktemp("long") / "long", context=8192),
+                            "--max-running", "2", "--max-queued-requests", "3")
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
 def local_model(checkpoint):
     return load_model(checkpoint)
 
@@ -164,12 +173,12 @@ def test_sixteen_concurrent_streams_complete_in_shared_batches(server):
     assert steps > 0 and single < steps  # some decode steps carried more than one sequence
 
 
-def test_a_late_request_streams_before_an_earlier_long_one_ends(server):
+def test_a_late_request_streams_before_an_earlier_long_one_ends(long_server):
     marks = {}
 
     def long_request():
-        payload = {"prompt": "long", "max_tokens": 400, "stream": True, "temperature": 0}
-        with server.client() as client, client.stream("POST", "/v1/completions", json=payload) as response:
+        payload = {"prompt": "long", "max_tokens": 6000, "stream": True, "temperature": 0}
+        with long_server.client() as client, client.stream("POST", "/v1/completions", json=payload) as response:
             for line in response.iter_lines():
                 if line.startswith("data: ") and "long_first" not in marks:
                     marks["long_first"] = time.monotonic()
@@ -179,7 +188,7 @@ def test_a_late_request_streams_before_an_earlier_long_one_ends(server):
     thread.start()
     while "long_first" not in marks:
         time.sleep(0.01)
-    with server.client() as client:
+    with long_server.client() as client:
         response = client.post("/v1/completions", json={"prompt": "short", "max_tokens": 3})
         marks["short_end"] = time.monotonic()
     thread.join(timeout=120)
@@ -202,27 +211,37 @@ def test_disconnecting_client_frees_its_slot(server):
     assert server.metric('vllm:request_success_total{finished_reason="cancelled"}') >= 1
 
 
-def test_overload_answers_429_with_retry_after(server):
-    statuses, headers, bodies = [], [], []
-    lock = threading.Lock()
+def test_overload_answers_429_with_retry_after(long_server):
+    """Three long requests fill the queue limit; the fourth is refused at once, and the server recovers."""
+    started, release = [], threading.Event()
 
-    def run():
-        with server.client() as client:
-            response = client.post("/v1/completions", json={"prompt": "load", "max_tokens": 200})
-        with lock:
-            statuses.append(response.status_code)
-            headers.append(response.headers)
-            bodies.append(response.json())
+    def long_request():
+        payload = {"prompt": "load", "max_tokens": 6000, "stream": True}
+        with long_server.client() as client, client.stream("POST", "/v1/completions", json=payload) as response:
+            for line in response.iter_lines():
+                if line:  # ": accepted" comes first, even for a request still waiting for a slot
+                    started.append(1)
+                    release.wait(30)
+                    break  # leaving cancels it
 
-    threads = [threading.Thread(target=run) for _ in range(MAX_QUEUED + 8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=180)
-    assert statuses.count(200) >= MAX_QUEUED and 429 in statuses
-    rejected = statuses.index(429)
-    assert int(headers[rejected]["retry-after"]) >= 1
-    assert bodies[rejected]["error"]["code"] == "rate_limit_exceeded"
+    threads = [threading.Thread(target=long_request) for _ in range(3)]
+    with long_server.client() as client:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while len(started) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        response = client.post("/v1/completions", json={"prompt": "one too many", "max_tokens": 2})
+        release.set()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert response.status_code == 429
+        assert int(response.headers["retry-after"]) >= 1
+        assert response.json()["error"]["code"] == "rate_limit_exceeded"
+        deadline = time.monotonic() + 10
+        while client.post("/v1/completions", json={"prompt": "again", "max_tokens": 2}).status_code != 200:
+            assert time.monotonic() < deadline, "the queue did not empty after the clients left"
+            time.sleep(0.1)
 
 
 def test_deadline_header_times_out_a_long_request(server):
