@@ -143,6 +143,13 @@ class OpenAISpec(LitSpec):
                 raise APIError(413, f"The request body exceeds the limit of {limit} bytes.", code="request_too_large")
         return bytes(body)
 
+    async def _accept(self, request: Request, schema):
+        """The checks every inference request passes first: key, readiness, body, schema, deadline."""
+        self._authorize(request)
+        self._check_open()
+        body = protocol.parse(schema, await self._read_body(request))
+        return body, self._deadline(request)
+
     def _check_model(self, name: str | None) -> None:
         if name is not None and name != self.info.name:
             raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.info.name}'.",
@@ -292,10 +299,7 @@ class OpenAISpec(LitSpec):
     async def completions(self, request: Request) -> Response:
         arrival = time.monotonic()
         try:
-            self._authorize(request)
-            self._check_open()
-            body = protocol.parse(CompletionRequest, await self._read_body(request))
-            timeout = self._deadline(request)
+            body, timeout = await self._accept(request, CompletionRequest)
             payload, prompt_ids, prompt_text = self._completion_payload(body)
             self._admit(len(prompt_ids))
         except APIError as error:
@@ -377,10 +381,7 @@ class OpenAISpec(LitSpec):
     async def embeddings(self, request: Request) -> Response:
         arrival = time.monotonic()
         try:
-            self._authorize(request)
-            self._check_open()
-            body = protocol.parse(EmbeddingRequest, await self._read_body(request))
-            timeout = self._deadline(request)
+            body, timeout = await self._accept(request, EmbeddingRequest)
             documents, spans = self._embedding_documents(body)
             tokens = sum(map(len, documents))
             self._admit(tokens)
