@@ -1,24 +1,39 @@
-# GPU image of the project. For now it runs the model-core benchmark against the reference on the GPU it
-# is given (docker run --gpus all IMAGE); the server entrypoint replaces this command when it exists.
-# CUDA 13 runtime: the CUDA of the pinned torch==2.13.0 and of onnxruntime-gpu 1.27+.
-FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+# Reformer inference server image.
+#   GPU (default): docker build -t reformer-server .
+#                  docker run --gpus all -p 8000:8000 reformer-server
+#   CPU:           docker build --build-arg BASE=ubuntu:24.04 \
+#                      --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu -t reformer-server:cpu .
+# Configuration: REFORMER_<OPTION> environment variables (REFORMER_MODEL, REFORMER_MAX_RUNNING, ...; see
+# `python -m server --help`). SIGTERM drains in-flight requests: allow --drain-timeout and a few seconds more.
 
-ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+# CUDA 13: what the pinned torch==2.13.0 and onnxruntime-gpu 1.31 are built for. Ubuntu 24.04 either way,
+# so both images install Python 3.12 the same way.
+ARG BASE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+FROM ${BASE}
+# Where pip also looks for torch: the CPU image points it at PyTorch's CPU wheels (no CUDA libraries).
+ARG TORCH_INDEX=https://pypi.org/simple
+
+ENV DEBIAN_FRONTEND=noninteractive
+# hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && apt-get install -y --no-install-recommends python3 python3-venv tini \
     && rm -rf /var/lib/apt/lists/*
-
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_EXTRA_INDEX_URL=${TORCH_INDEX} \
+    PROMETHEUS_MULTIPROC_DIR=/tmp/reformer-metrics REFORMER_HOST=0.0.0.0 REFORMER_PORT=8000
 RUN useradd --create-home --uid 10001 reformer
 WORKDIR /app
-COPY --chown=reformer pyproject.toml README.md ./
-COPY --chown=reformer model ./model
-COPY --chown=reformer bench ./bench
-COPY --chown=reformer server ./server
-COPY --chown=reformer export ./export
-COPY --chown=reformer loadtest ./loadtest
-
-# The same install step as the README.
-RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --quiet -e '.[test]' && chown -R reformer /app
-ENV PATH=/opt/venv/bin:$PATH
-USER reformer
-CMD ["python", "-m", "bench.bench_core"]
+COPY pyproject.toml README.md ./
+COPY model ./model
+COPY server ./server
+COPY export ./export
+COPY loadtest ./loadtest
+COPY bench ./bench
+# The README's install step, word for word (tests/test_deploy.py keeps them the same).
+RUN python3 -m venv .venv && .venv/bin/pip install -e . && chown -R reformer /app
+ENV PATH=/app/.venv/bin:$PATH
+USER 10001
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+# tini forwards SIGTERM to the server (which drains) and reaps its worker processes.
+ENTRYPOINT ["tini", "--", "python", "-m", "server"]

@@ -125,6 +125,32 @@ def server_section(result: dict) -> list[str]:
     return lines + [""]
 
 
+def loadtest_section(result: dict) -> list[str]:
+    gates = ", ".join(f"{k.removeprefix('sla_').replace('_', ' ')} ≤ {v}" for k, v in result["gates"].items())
+    lines = [f"### {result['device'].upper()} ({result['machine']}) — {result['date'][:10]}", "",
+             f"Model: {result['model']} (random weights: the load's compute, not its text). Server arguments "
+             f"`{' '.join(result['server_args'])}`, locust arguments `{' '.join(result.get('locust_args', []))}`; "
+             f"{result['run_time']} per step; gates: {gates} (latencies in ms).", "",
+             "| users | gate | streamed tokens/s | TTFT p50 / p95 | ITL p50 / p95 | embedding p95 | failures |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    passing = [run for run in result["runs"] if run["gate_passed"]]
+    for run in result["runs"]:
+        gate = "pass" if run["gate_passed"] else "fail: " + "; ".join(run["gate_failures"])
+        ttft, itl, embed = run["ttft"], run["itl"], run["embeddings"]
+        lines.append(
+            f"| {run['users']} | {gate} | {run['streamed_tokens_per_second']:.1f} | "
+            + (f"{ttft['p50_ms']:,.0f} / {ttft['p95_ms']:,.0f} ms | " if ttft else "- | ")
+            + (f"{itl['p50_ms']:,.0f} / {itl['p95_ms']:,.0f} ms | " if itl else "- | ")
+            + (f"{embed['p95_ms']:,.0f} ms | " if embed else "- | ") + f"{run['failures']}/{run['requests']} |")
+    if passing:
+        best = passing[-1]
+        lines += ["", f"Capacity: {best['users']} users at {best['streamed_tokens_per_second']:.1f} streamed tokens/s "
+                      "with every gate met" + ("." if len(passing) < len(result["runs"]) else
+                                                 " (the largest step tried; the gate did not fail).")]
+    lines += ["", f"![latency and throughput against users](bench/results/{result['plot']})", ""]
+    return lines
+
+
 def checks_section(result: dict) -> list[str]:
     lines = [f"### GPU correctness checks — {result['device']}, {result['date'][:10]}", "",
              "| check | max abs difference |", "|---|---:|"]
@@ -165,6 +191,14 @@ def main() -> None:
         lines += ["GPU numbers: pending (no GPU run recorded yet).", ""]
     for result in servers:
         lines += server_section(result)
+    loads = [r for r in results if r.get("benchmark") == "loadtest"]
+    lines += ["## Load test: capacity under a latency gate", "",
+              "`python -m loadtest.run --sweep ...`: locust (mixed streaming, non-streaming and 1K-to-context "
+              "embedding users) at increasing user counts until a gate fails.", ""]
+    if not any(r["device"] == "cuda" for r in loads):
+        lines += ["GPU numbers: pending (no GPU run recorded yet).", ""]
+    for result in loads:
+        lines += loadtest_section(result)
     (ROOT / "BENCHMARKS.md").write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")
 

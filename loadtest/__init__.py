@@ -1,1 +1,1 @@
-"""Locust load tests with latency gates: built by issue #6 against the server."""
+"""Locust load tests: users and SLA gates (locustfile.py), a ramp-and-burst shape, and the runner (run.py)."""

@@ -12,7 +12,7 @@ from model.config import ReformerConfig
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "model" / "default"
-API_KEY_ENV = "REFORMER_API_KEY"
+API_KEY_ENV = "REFORMER_API_KEY"  # the same name the environment defaults below give --api-key
 
 
 @dataclass
@@ -71,6 +71,23 @@ class ServerSettings:
         return self.device
 
 
+ENV_PREFIX = "REFORMER_"
+
+
+def _defaults_from_environment(parser: argparse.ArgumentParser) -> None:
+    """Every option can also come from REFORMER_<OPTION> (e.g. REFORMER_MAX_RUNNING=32), for containers;
+    the command line wins."""
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        value = os.environ.get(ENV_PREFIX + action.dest.upper())
+        if value is not None:
+            try:
+                parser.set_defaults(**{action.dest: action.type(value) if action.type else value})
+            except ValueError:
+                parser.error(f"{ENV_PREFIX}{action.dest.upper()}={value!r} is not a valid {action.dest}")
+
+
 def parse_args(argv: list[str] | None = None) -> ServerSettings:
     defaults = ServerSettings()
     parser = argparse.ArgumentParser(prog="python -m server", description="Reformer inference server (OpenAI API).")
@@ -96,9 +113,10 @@ def parse_args(argv: list[str] | None = None) -> ServerSettings:
     parser.add_argument("--api-servers", type=int, default=defaults.api_servers,
                         help="uvicorn processes (limits are enforced per process)")
     parser.add_argument("--log-level", default=defaults.log_level)
+    _defaults_from_environment(parser)
     args = parser.parse_args(argv)
     settings = ServerSettings(**{k: v for k, v in vars(args).items() if v is not None})
-    settings.api_key = settings.api_key or os.environ.get(API_KEY_ENV) or None
+    settings.api_key = settings.api_key or None
     for name in ("max_running", "max_queued_requests", "max_queued_tokens", "prefill_batch_tokens", "port",
                  "api_servers", "max_model_len", "kv_cache_bytes"):
         if getattr(settings, name) is not None and getattr(settings, name) < 1:

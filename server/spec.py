@@ -649,4 +649,6 @@ class _Completion:
 
 
 def _json(value) -> str:
-    return json.dumps(value, ensure_ascii=False)
+    # ASCII only: SSE splits lines at CR/LF alone, but common clients (requests' iter_lines) also split at
+    # U+0085, U+2028, U+001C..1E, which json.dumps would otherwise write raw inside generated text.
+    return json.dumps(value)

@@ -391,3 +391,13 @@ def test_sigterm_drains_in_flight_streams_and_exits(tmp_path):
     assert running.stop(timeout=60) == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{running.url}/health", timeout=2)
+
+
+def test_stream_lines_survive_clients_that_split_on_unicode_separators(server):
+    """Generated text can hold U+0085 or U+2028; each SSE data line must still be one line to any client."""
+    ids = [0x85 + 2, 0x1C + 2] + ByteTokenizer().encode("\u2028\u0085 x")  # raw bytes and characters
+    payload = {"prompt": ids, "max_tokens": 4, "stream": True, "echo": True}
+    with server.client() as client, client.stream("POST", "/v1/completions", json=payload) as response:
+        raw = b"".join(response.iter_bytes())
+    lines = [line for line in raw.decode().splitlines() if line.startswith("data: {")]
+    assert lines and all(json.loads(line[6:]) for line in lines)
