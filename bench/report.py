@@ -159,6 +159,15 @@ def checks_section(result: dict) -> list[str]:
     return lines + [""]
 
 
+def _section(results: list[dict], render, title: str, intro: str) -> list[str]:
+    lines = [title, "", intro, ""]
+    if not any(r.get("device_type", r.get("device")) == "cuda" for r in results):
+        lines += ["GPU numbers: pending (no GPU run recorded yet).", ""]
+    for result in results:
+        lines += render(result)
+    return lines
+
+
 def main() -> None:
     results = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("*.json"))]
     core = [r for r in results if r.get("benchmark") == "core"]
@@ -182,23 +191,17 @@ def main() -> None:
     for result in results:
         if result.get("benchmark") == "gpu_checks":
             lines += checks_section(result)
-    servers = [r for r in results if r.get("benchmark") == "server"]
-    lines += ["## Server: the engine alone vs streamed end to end", "",
-              "`python -m bench.bench_server`: the same engine driven in-process and through a real server on "
-              "127.0.0.1 with concurrent SSE clients; the first byte of a stream is the `: accepted` comment, "
-              "then progress comments during the prefill.", ""]
-    if not any(r["device_type"] == "cuda" for r in servers):
-        lines += ["GPU numbers: pending (no GPU run recorded yet).", ""]
-    for result in servers:
-        lines += server_section(result)
-    loads = [r for r in results if r.get("benchmark") == "loadtest"]
-    lines += ["## Load test: capacity under a latency gate", "",
-              "`python -m loadtest.run --sweep ...`: locust (mixed streaming, non-streaming and 1K-to-context "
-              "embedding users) at increasing user counts until a gate fails.", ""]
-    if not any(r["device"] == "cuda" for r in loads):
-        lines += ["GPU numbers: pending (no GPU run recorded yet).", ""]
-    for result in loads:
-        lines += loadtest_section(result)
+    lines += _section(
+        [r for r in results if r.get("benchmark") == "server"], server_section,
+        "## Server: the engine alone vs streamed end to end",
+        "`python -m bench.bench_server`: the same engine driven in-process and through a real server on 127.0.0.1 "
+        "with concurrent SSE clients; the first byte of a stream is the `: accepted` comment, then progress "
+        "comments during the prefill.")
+    lines += _section(
+        [r for r in results if r.get("benchmark") == "loadtest"], loadtest_section,
+        "## Load test: capacity under a latency gate",
+        "`python -m loadtest.run --sweep ...`: locust (mixed streaming, non-streaming and 1K-to-context embedding "
+        "users) at increasing user counts until a gate fails.")
     (ROOT / "BENCHMARKS.md").write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")
 

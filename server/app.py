@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import signal
 import threading
 import time
@@ -59,7 +60,13 @@ def run(settings: ServerSettings) -> None:
             while inflight.value > 0 and time.monotonic() < deadline:
                 time.sleep(0.1)
             log.info("drained (%d left); stopping", inflight.value)
-            server._shutdown_event.set()
+            try:
+                server._shutdown_event.set()  # LitServe's own shutdown: uvicorn, the worker, its manager
+            except Exception:  # noqa: BLE001 - its manager process is gone (killed with the group)
+                log.warning("LitServe's manager is gone; ending the child processes directly")
+                for child in mp.active_children():
+                    child.terminate()
+                os._exit(0)
 
         threading.Thread(target=wait_then_stop, daemon=True).start()
 
