@@ -22,7 +22,6 @@ from .reformer import ReformerLM
 OUR_CONFIG = "reformer.json"
 WEIGHTS = "model.safetensors"
 LEGACY_WEIGHTS = "pytorch_model.bin"
-SPIECE = "spiece.model"
 
 _LAYER = re.compile(r"^reformer\.encoder\.layers\.(\d+)\.(.+)$")
 _LAYER_NAMES = {

@@ -142,10 +142,6 @@ class Engine:
         self.work: Work | None = None
         self._embeds_next = False  # alternate prefills and embedding batches when both wait
 
-    @property
-    def max_length(self) -> int:
-        return self.decoder.max_length
-
     # ---- any thread -----------------------------------------------------------------------------------
     def submit(self, request: dict) -> None:
         self.inbox.put(request)
