@@ -97,7 +97,7 @@ def hash_vectors(qk: Tensor, rotations: Tensor, num_buckets: int | tuple[int, ..
 
     rotations: (H, d, rounds, rotation_size // 2), a fixed buffer of the layer.
     """
-    if qk.shape[2] > HASH_BLOCK:
+    if qk.shape[2] > HASH_BLOCK and not torch.compiler.is_exporting():
         return torch.cat([hash_vectors(part, rotations, num_buckets) for part in qk.split(HASH_BLOCK, dim=2)], -1)
     rotated = torch.einsum("bhtd,hdnr->bhntr", qk.float(), rotations)
     factors = num_buckets if isinstance(num_buckets, tuple) else (num_buckets,)
@@ -119,6 +119,8 @@ def _argmax_of_plus_minus(x: Tensor) -> Tensor:
 
 def _adjacent(chunks: Tensor, index: Tensor, before: int, after: int) -> Tensor:
     """Concatenate, for each chunk in `index`, its chunks -before..+after (circular) along dim 3."""
+    if torch.compiler.is_exporting():  # one block of every chunk: rolls, with no modulo of a symbolic size
+        return torch.cat([torch.roll(chunks, -offset, dims=2) for offset in range(-before, after + 1)], dim=3)
     count = chunks.shape[2]
     parts = [chunks.index_select(2, (index + offset) % count) for offset in range(-before, after + 1)]
     return torch.cat(parts, dim=3)
@@ -146,7 +148,7 @@ def chunked_attention(
     batch, heads, count, chunk, dim = queries.shape
     window = chunk * (1 + before + after)
     masked, self_value = mask_values(queries.dtype)
-    if _use_kernel(queries, dropout):
+    if not torch.compiler.is_exporting() and _use_kernel(queries, dropout):
         from .chunk_kernel import chunk_attention
 
         return chunk_attention(queries, keys, values, positions, key_valid, before=before, after=after,
@@ -155,7 +157,8 @@ def chunked_attention(
     lse = queries.new_empty(queries.shape[:-1])
     per_chunk = max(1, batch * heads * chunk * window)
     budget = block_elements or BLOCK_ELEMENTS.get(queries.device.type, BLOCK_ELEMENTS["cuda"])
-    step = max(1, budget // per_chunk)
+    # An exported graph has one block: its length is symbolic, a loop over blocks would freeze it.
+    step = count if torch.compiler.is_exporting() else max(1, budget // per_chunk)
     device = queries.device
     for first in range(0, count, step):
         index = torch.arange(first, min(first + step, count), device=device)
@@ -279,7 +282,7 @@ class LSHSelfAttention(_ChunkedSelfAttention):
     def _bucketed(self, qk: Tensor, keys: Tensor, v: Tensor, buckets: Tensor, attention_mask: Tensor | None) -> Tensor:
         batch, heads, length, dim = qk.shape
         rounds, chunk = self.rounds, self.chunk
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if attention_mask is not None:
             # Padding goes to an extra bucket that sorts after all others in every round.
             buckets = buckets.masked_fill(~attention_mask[:, None, None, :], self.total_buckets)
         position = torch.arange(length, device=qk.device)

@@ -83,7 +83,7 @@ class FeedForward(nn.Module):
         return F.dropout(self.fc_out(self.act(h)), self.dropout, self.training)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[1] <= self.chunk:
+        if torch.compiler.is_exporting() or x.shape[1] <= self.chunk:
             return self._rows(x)
         return torch.cat([self._rows(part) for part in x.split(self.chunk, dim=1)], dim=1)
 
