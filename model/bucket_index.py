@@ -45,7 +45,6 @@ class BucketIndex:
         self.row_offset = rows << ROW_SHIFT
         self.row_pad = self.row_offset + (1 << ROW_SHIFT) - 1
         self.main = self.row_pad.expand(slots, heads, rounds, max_length).contiguous()
-        self.main_flat = self.main.view(-1)
         self.tail = torch.full((slots, heads, rounds, tail_capacity), TAIL_PAD, dtype=torch.int64, device=device)
 
     # ---- host-driven maintenance (outside the decode step) --------------------------------------------
@@ -69,46 +68,74 @@ class BucketIndex:
         self.main[target] = self.main[source] - self.row_offset[source] + self.row_offset[target]
         self.tail[target] = self.tail[source]
 
-    # ---- inside the decode step (fixed shapes, no host synchronisation) --------------------------------
+    # ---- written after a decode step ------------------------------------------------------------------
     def append(self, slots: Tensor, tail_length: Tensor, keys: Tensor) -> None:
         """Write each row's new key (B, heads, rounds) at its tail position."""
         self.tail[slots, :, :, tail_length] = keys
 
-    def window(self, rows: Tensor, main_length: Tensor, tail_length: Tensor, arange, chunk: int, before: int,
-               after: int) -> Tensor:
-        """Positions (B, heads, rounds, window) of each new token's window in sorted order.
 
-        rows: (B, heads, rounds) row numbers of the stepped slots; main_length: (B,) sorted count;
-        tail_length: (B,) tail count *before* the new token, which `append` wrote at that index;
-        arange: n -> arange(n) on the device (cached by the caller).
-        """
-        width = chunk * (1 + before + after)
-        capacity = self.tail_capacity
-        new_index = tail_length.view(-1, 1, 1, 1)
-        tail_length = new_index + 1
-        main_length = main_length.view(-1, 1, 1, 1)
-        length = main_length + tail_length
-        row_offset = rows.unsqueeze(-1) << ROW_SHIFT
-        row_start = rows.unsqueeze(-1) * self.max_length
-        tail = self.tail.view(-1, capacity)[rows]  # (B, H, R, T), unsorted, padded with TAIL_PAD
-        sorted_tail = torch.sort(tail, dim=-1).values
-        # Rank of every tail key among all keys: main keys below it + tail keys below it.
-        below_in_main = torch.searchsorted(self.main_flat, tail + row_offset) - row_start
-        tail_rank = below_in_main + torch.searchsorted(sorted_tail, tail)
-        new_rank = tail_rank.gather(-1, new_index.expand(*tail.shape[:3], 1))
-        start = (torch.div(new_rank, chunk, rounding_mode="floor") - before) * chunk  # (B, H, R, 1)
-        # Main entries that can hold a window rank: indices start - tail .. start + width, modulo length.
-        candidate = torch.remainder(start - tail_length + arange(width + capacity), length)
-        in_main = candidate < main_length
-        candidate_key = self.main_flat[row_start + candidate.clamp(max=self.max_length - 1)] - row_offset
-        candidate_rank = candidate + torch.searchsorted(sorted_tail, candidate_key)
-        # Place every entry whose rank falls in the window at its offset; the rest go to a spill column.
-        placed = torch.zeros(*tail.shape[:3], width + 1, dtype=torch.int64, device=tail.device)
-        main_offset = torch.remainder(candidate_rank - start, length)
-        main_offset = torch.where(in_main & (main_offset < width), main_offset, width)
-        placed.scatter_(-1, main_offset, candidate_key & POS_MASK)
-        tail_offset = torch.remainder(tail_rank - start, length)
-        tail_offset = torch.where((arange(capacity) < tail_length) & (tail_offset < width), tail_offset, width)
-        placed.scatter_(-1, tail_offset, tail & POS_MASK)
-        # Ranks repeat modulo a length shorter than the window (the reference gathers duplicates then).
-        return placed.gather(-1, torch.remainder(arange(width), length).expand(*tail.shape[:3], width))
+def search(sorted_values: Tensor, values: Tensor) -> Tensor:
+    """torch.searchsorted (count of entries below each value, keys being unique), also in exported graphs.
+
+    ONNX has no search operator, so an export unrolls a binary search with a fixed number of halvings.
+    """
+    if not torch.compiler.is_exporting():
+        return torch.searchsorted(sorted_values, values)
+    size = sorted_values.shape[-1]
+    low = torch.zeros_like(values)
+    high = torch.full_like(values, size)
+    for _ in range(max(1, size).bit_length()):
+        middle = torch.div(low + high, 2, rounding_mode="floor")
+        probe = middle.clamp(max=size - 1)
+        if sorted_values.dim() == 1:
+            below = sorted_values[probe] < values
+        else:
+            below = sorted_values.gather(-1, probe) < values
+        active = low < high
+        low = torch.where(active & below, middle + 1, low)
+        high = torch.where(active & ~below, middle, high)
+    return low
+
+
+def window(main: Tensor, tail_pool: Tensor, rows: Tensor, main_length: Tensor, tail_length: Tensor,
+           new_key: Tensor, arange, chunk: int, before: int, after: int) -> Tensor:
+    """Positions (B, heads, rounds, window) of each new token's window in (bucket, position) order.
+
+    main: the pool's sorted keys (slots, heads, rounds, max_length), with row offsets; tail_pool: the
+    unsorted tails (slots, heads, rounds, capacity); rows: (B, heads, rounds) row numbers of the stepped
+    slots; main_length/tail_length: (B,) counts before the new token, whose key (B, heads, rounds) is
+    `new_key`; arange: n -> arange(n) on the device. Reads the pool only: the caller stores the new key.
+    """
+    width = chunk * (1 + before + after)
+    capacity = tail_pool.shape[-1]
+    max_length = main.shape[-1]
+    main_flat = main.reshape(-1)
+    new_index = tail_length.view(-1, 1, 1, 1)
+    tail_length = new_index + 1
+    main_length = main_length.view(-1, 1, 1, 1)
+    length = main_length + tail_length
+    row_offset = rows.unsqueeze(-1) << ROW_SHIFT
+    row_start = rows.unsqueeze(-1) * max_length
+    tail = tail_pool.reshape(-1, capacity)[rows]  # (B, H, R, T), unsorted, padded with TAIL_PAD
+    tail = tail.scatter(-1, new_index.expand(*tail.shape[:3], 1), new_key.unsqueeze(-1))
+    sorted_tail = torch.sort(tail, dim=-1).values
+    # Rank of every tail key among all keys: main keys below it + tail keys below it.
+    below_in_main = search(main_flat, tail + row_offset) - row_start
+    tail_rank = below_in_main + search(sorted_tail, tail)
+    new_rank = tail_rank.gather(-1, new_index.expand(*tail.shape[:3], 1))
+    start = (torch.div(new_rank, chunk, rounding_mode="floor") - before) * chunk  # (B, H, R, 1)
+    # Main entries that can hold a window rank: indices start - tail .. start + width, modulo length.
+    candidate = torch.remainder(start - tail_length + arange(width + capacity), length)
+    in_main = candidate < main_length
+    candidate_key = main_flat[row_start + candidate.clamp(max=max_length - 1)] - row_offset
+    candidate_rank = candidate + search(sorted_tail, candidate_key)
+    # Place every entry whose rank falls in the window at its offset; the rest go to a spill column.
+    placed = torch.zeros(*tail.shape[:3], width + 1, dtype=torch.int64, device=tail.device)
+    main_offset = torch.remainder(candidate_rank - start, length)
+    main_offset = torch.where(in_main & (main_offset < width), main_offset, width)
+    placed = placed.scatter(-1, main_offset, candidate_key & POS_MASK)
+    tail_offset = torch.remainder(tail_rank - start, length)
+    tail_offset = torch.where((arange(capacity) < tail_length) & (tail_offset < width), tail_offset, width)
+    placed = placed.scatter(-1, tail_offset, tail & POS_MASK)
+    # Ranks repeat modulo a length shorter than the window (the reference gathers duplicates then).
+    return placed.gather(-1, torch.remainder(arange(width), length).expand(*tail.shape[:3], width))

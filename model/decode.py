@@ -1,13 +1,7 @@
 """Incremental decoding with cached LSH buckets over a pool of preallocated sequence slots.
 
 Step semantics are the reference's cached step (transformers' `past_buckets_states`), made correct for
-batches and cheap for long contexts:
-- local layers attend to the cached keys/values of the current and `before` previous chunks;
-- LSH layers attend, per hash round, to the window of `chunk * (1 + before + after)` tokens around the new
-  token in (bucket, position) order, ranks taken modulo the length, with the self-mask only, and combine
-  the rounds through their log-sum-exp; until a sequence has reached the LSH chunk length it attends to
-  all its tokens instead (the reference's empty bucket cache).
-The cache keeps projected keys and values (not the reference's hidden states), and a `BucketIndex` per LSH
+batches and cheap for long contexts (the step itself is `model.step.decode_step`). The cache keeps projected keys and values (not the reference's hidden states), and a `BucketIndex` per LSH
 layer, so a step costs the same at any context length. Slots are independent: a scheduler can add and
 evict sequences between steps without touching the others.
 """
@@ -16,17 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from .attention import hash_vectors, logsumexp, mask_values, normalize_keys, softmax_with_lse
-from .bucket_index import BucketIndex, bucket_keys
+from .bucket_index import BucketIndex
 from .embed import length_groups
 from .reformer import ReformerLM, pad_batch, run_layers
+from .step import StepCaches, decode_step, fused_projections
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +74,9 @@ class Decoder:
             if kind == "lsh" else None for kind in config.attn_layers]
         self.slots = [SlotState() for _ in range(num_slots)]
         self._free = list(range(num_slots))
-        # Fused projections (one matmul per layer) and index ranges, made once so a step launches fewer kernels.
-        self._projections = [torch.cat([p.weight for p in (
-            (block.attn.qk, block.attn.v) if block.kind == "lsh" else (block.attn.q, block.attn.k, block.attn.v))])
-            for block in model.layers]
+        # What a step reads; index ranges are made once (inside a CUDA graph each arange is a kernel launch).
+        self._caches = StepCaches(kv=self.kv, main=[i.main if i else None for i in self.index],
+                                  tail=[i.tail if i else None for i in self.index], projections=fused_projections(model))
         self._ranges: dict[int, Tensor] = {}
         use_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._graphs = _GraphCache(self) if use_graphs else None
@@ -233,25 +225,13 @@ class Decoder:
 
         All arguments are (B,) int64 on the model's device; `positions` is each slot's current length.
         """
-        model, config = self.model, self.config
-        step = _StepRows(
-            slots=slots, positions=positions, main_length=main_length, tail_length=tail_length,
-            hashed=hashed.bool().view(-1, 1, 1, 1),
-            cache_rows=((slots.view(-1, 1) * config.num_attention_heads + self._range(config.num_attention_heads))
-                        * self.max_length),
-            index_rows=(slots.view(-1, 1, 1) * config.num_attention_heads + self._range(config.num_attention_heads)
-                        .view(1, -1, 1)) * config.num_hashes + self._range(config.num_hashes))
-        x = model.embed(tokens.unsqueeze(1), positions.unsqueeze(1))  # (B, 1, hidden)
-        x1 = x2 = x
-        for layer, block in enumerate(model.layers):
-            h = block.attn_norm(x2)[:, 0]
-            if block.kind == "lsh":
-                context = self._lsh_step(layer, block.attn, h, step)
-            else:
-                context = self._local_step(layer, block.attn, h, step)
-            x1 = x1 + block.attn.out(context).unsqueeze(1)
-            x2 = x2 + block.ff(x1)
-        return model.logits(model.final_hidden(x1, x2)[:, 0]).float()
+        out = decode_step(self.model, self._caches, tokens, slots, positions, main_length, tail_length, hashed,
+                          self._range)
+        for layer, entry in enumerate(out.new_kv):
+            self.kv[layer][slots, :, positions] = entry
+            if out.new_bucket_keys[layer] is not None:
+                self.index[layer].append(slots, tail_length, out.new_bucket_keys[layer])
+        return out.logits
 
     def _store(self, layer: int, slots, positions, keys: Tensor, values: Tensor) -> None:
         """Write keys/values (..., H, d) for (slots, positions): ints and slices, or (B,) index tensors."""
@@ -259,76 +239,6 @@ class Decoder:
         size = keys.shape[-1]
         cache[slots, :, positions, :size] = keys
         cache[slots, :, positions, size:] = values
-
-    def _gather(self, layer: int, step: _StepRows, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """positions (B, H, ..., W) -> keys, values (B, H, ..., W, d) of the stepped slots' cached tokens."""
-        cache = self.kv[layer]
-        size = cache.shape[-1]
-        base = step.cache_rows.view(*step.cache_rows.shape, *([1] * (positions.dim() - 2)))
-        rows = cache.view(-1, size)[base + positions]
-        return rows[..., : size // 2], rows[..., size // 2:]
-
-    def _local_step(self, layer: int, attn, h: Tensor, step: _StepRows) -> Tensor:
-        batch, heads, size = h.shape[0], attn.heads, attn.head_size
-        q, k, v = (h @ self._projections[layer].t()).view(batch, 3, heads, size).unbind(1)
-        self._store(layer, step.slots, step.positions, k / math.sqrt(size), v)
-        width = attn.chunk * (attn.before + 1)
-        start = (torch.div(step.positions, attn.chunk, rounding_mode="floor") - attn.before).clamp(min=0) * attn.chunk
-        window = start.view(-1, 1) + self._range(width)  # (B, W)
-        valid = window <= step.positions.view(-1, 1)
-        window = window.clamp(max=self.max_length - 1).unsqueeze(1).expand(-1, heads, -1)
-        keys, values = self._gather(layer, step, window)  # (B, H, W, d)
-        masked, _ = mask_values(keys.dtype)
-        scores = (keys @ q.unsqueeze(-1)).squeeze(-1).float()
-        scores.masked_fill_(~valid.unsqueeze(1), masked)
-        probs, _ = softmax_with_lse(scores)
-        return (probs.to(values.dtype).unsqueeze(-2) @ values).reshape(batch, -1)
-
-    def _lsh_step(self, layer: int, attn, h: Tensor, step: _StepRows) -> Tensor:
-        batch, heads, size = h.shape[0], attn.heads, attn.head_size
-        qk, v = (h @ self._projections[layer].t()).view(batch, 2, heads, size).unbind(1)
-        self._store(layer, step.slots, step.positions, normalize_keys(qk), v)
-        index = self.index[layer]
-        buckets = hash_vectors(qk.unsqueeze(2), attn.rotations, attn.num_buckets)[..., 0]  # (B, H, R)
-        index.append(step.slots, step.tail_length, bucket_keys(buckets, step.positions.view(-1, 1, 1)))
-        width = attn.chunk * (1 + attn.before + attn.after)
-        window = index.window(step.index_rows, step.main_length, step.tail_length, self._range, attn.chunk,
-                              attn.before, attn.after)
-        # Before the sequence reaches the chunk length the reference attends to every token (one round).
-        full = max(width, attn.chunk + 1)
-        everything = self._range(full)
-        if full > width:
-            window = torch.cat([window, window.new_zeros(*window.shape[:3], full - width)], dim=-1)
-        window = torch.where(step.hashed, window, everything.clamp(max=self.max_length - 1))
-        valid = torch.where(step.hashed, everything < width, everything <= step.positions.view(-1, 1, 1, 1))
-        keys, values = self._gather(layer, step, window)  # (B, H, R, W, d)
-        masked, self_value = mask_values(keys.dtype)
-        scores = (keys @ qk.view(batch, heads, 1, size, 1)).squeeze(-1).float()  # (B, H, R, W)
-        scores.masked_fill_(window == step.positions.view(-1, 1, 1, 1), self_value)
-        scores.masked_fill_(~valid, masked)
-        probs, lse = softmax_with_lse(scores)
-        rounds = (probs.to(values.dtype).unsqueeze(-2) @ values).squeeze(-2).float()  # (B, H, R, d)
-        if attn.rounds > 1:
-            lse = lse.unsqueeze(-1)
-            weights = torch.exp(lse - logsumexp(lse, 2))
-            combined = torch.sum(rounds * weights, dim=2)
-            context = torch.where(step.hashed.view(-1, 1, 1), combined, rounds[:, :, 0])
-        else:
-            context = rounds[:, :, 0]
-        return context.to(values.dtype).reshape(batch, -1)
-
-
-@dataclass
-class _StepRows:
-    """Per-step index tensors shared by every layer of one decode step."""
-
-    slots: Tensor  # (B,)
-    positions: Tensor  # (B,) the new token's position (= cached length before the step)
-    main_length: Tensor  # (B,) sorted part of the bucket index
-    tail_length: Tensor  # (B,) unsorted tail before the new token
-    hashed: Tensor  # (B, 1, 1, 1) bool
-    cache_rows: Tensor  # (B, H) first flat row of each (slot, head) in a key/value cache
-    index_rows: Tensor  # (B, H, R) row of each (slot, head, round) in a bucket index
 
 
 class _GraphCache:

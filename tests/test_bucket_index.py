@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from model import bucket_index
 from model.bucket_index import BucketIndex, bucket_keys
 from tests.seed import rng_for
 
@@ -35,9 +36,11 @@ def test_window_equals_full_sort(case):
         positions = torch.tensor([sum(state[s]) for s in range(slots)])
         tails = torch.tensor([state[s][1] for s in range(slots)])
         mains = torch.tensor([state[s][0] for s in range(slots)])
-        index.append(torch.arange(slots), tails, bucket_keys(new, positions.view(-1, 1, 1)))
+        keys = bucket_keys(new, positions.view(-1, 1, 1))
         rows = (torch.arange(slots).view(-1, 1, 1) * heads + torch.arange(heads).view(1, -1, 1)) * rounds
-        window = index.window(rows + torch.arange(rounds), mains, tails, torch.arange, chunk, before, after)
+        window = bucket_index.window(index.main, index.tail, rows + torch.arange(rounds), mains, tails, keys,
+                                     torch.arange, chunk, before, after)
+        index.append(torch.arange(slots), tails, keys)
         for slot in range(slots):
             history[slot] = torch.cat([history[slot], new[slot].unsqueeze(-1)], dim=-1)
             assert torch.equal(window[slot], brute_force_window(history[slot], chunk, before, after))
@@ -45,3 +48,15 @@ def test_window_equals_full_sort(case):
             if state[slot][1] == tail_capacity:
                 index.merge(slot, *state[slot])
                 state[slot] = [sum(state[slot]), 0]
+
+
+def test_exported_binary_search_equals_searchsorted(monkeypatch):
+    """The unrolled search that ONNX graphs use, on a flat pool and on batched rows."""
+    generator = torch.Generator().manual_seed(4)
+    flat = torch.sort(torch.randint(0, 10_000, (777,), generator=generator).unique()).values
+    values = torch.randint(-5, 10_010, (3, 4, 50), generator=generator)
+    rows = torch.sort(torch.randint(0, 1000, (3, 4, 9), generator=generator), dim=-1).values
+    expected = (torch.searchsorted(flat, values), torch.searchsorted(rows, values))
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    assert torch.equal(bucket_index.search(flat, values), expected[0])
+    assert torch.equal(bucket_index.search(rows, values), expected[1])
