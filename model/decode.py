@@ -155,26 +155,40 @@ class Decoder:
         lengths = [len(ids) for _, ids in prompts]
         for members, padded in length_groups(lengths, config.padded_length, self.prefill_batch_tokens):
             ids, mask = pad_batch([prompts[i][1] for i in members], padded, config.pad_token_id, self.device)
-            x1 = x2 = None
-            for layer, x1, x2, kv in run_layers(model, ids, mask, want_kv=True):
+            forward = self._group_forward(ids, mask)
+            while True:
+                try:
+                    layer, keys, values, buckets = next(forward)
+                except StopIteration as done:
+                    logits_of = done.value
+                    break
                 with torch.inference_mode():
                     for row, i in enumerate(members):
                         slot, length = prompts[i][0], lengths[i]
-                        self._store(layer, slot, slice(0, length), kv.keys[row, :, :length],
-                                    kv.values[row, :, :length])
+                        self._store(layer, slot, slice(0, length), keys[row, :, :length], values[row, :, :length])
                         if self.index[layer] is not None:
-                            self.index[layer].build(slot, kv.buckets[row, :, :, :length])
+                            self.index[layer].build(slot, buckets[row, :, :, :length])
                 yield
             with torch.inference_mode():
-                hidden = model.final_hidden(x1, x2)
                 for row, i in enumerate(members):
                     slot, length = prompts[i][0], lengths[i]
                     self.slots[slot] = SlotState(length=length, main_length=length, active=True,
                                                  hashed=padded > config.lsh_attn_chunk_length)
-                    last[i] = model.logits(hidden[row, length - 1]).float()
+                    last[i] = logits_of(row, slice(length - 1, length))[0].float()
                     if prompt_logits:
-                        every[i] = model.logits(hidden[row, :length]).float()
+                        every[i] = logits_of(row, slice(0, length)).float()
         return PrefillResult(torch.stack(last), [t for t in every if t is not None])
+
+    def _group_forward(self, ids: Tensor, mask: Tensor):
+        """The full forward of one padded group, one layer per `next()`: yields (layer, keys, values, buckets)
+        and returns logits_of(row, positions) -> logits. (The ONNX backend runs its graph here instead.)"""
+        model = self.model
+        x1 = x2 = None
+        for layer, x1, x2, kv in run_layers(model, ids, mask, want_kv=True):
+            yield layer, kv.keys, kv.values, kv.buckets
+        with torch.inference_mode():
+            hidden = model.final_hidden(x1, x2)
+        return lambda row, positions: model.logits(hidden[row, positions])
 
     # ---- decode step ----------------------------------------------------------------------------------
     def step(self, slots: Sequence[int], tokens: Sequence[int]) -> Tensor:
@@ -227,11 +241,16 @@ class Decoder:
         """
         out = decode_step(self.model, self._caches, tokens, slots, positions, main_length, tail_length, hashed,
                           self._range)
-        for layer, entry in enumerate(out.new_kv):
-            self.kv[layer][slots, :, positions] = entry
-            if out.new_bucket_keys[layer] is not None:
-                self.index[layer].append(slots, tail_length, out.new_bucket_keys[layer])
+        self._write_step(slots, positions, tail_length, out.new_kv, out.new_bucket_keys)
         return out.logits
+
+    def _write_step(self, slots: Tensor, positions: Tensor, tail_length: Tensor, new_kv: list[Tensor],
+                    new_bucket_keys: list[Tensor | None]) -> None:
+        """Store a step's new entries: each layer's key and value, each LSH layer's bucket key."""
+        for layer, entry in enumerate(new_kv):
+            self.kv[layer][slots, :, positions] = entry
+            if new_bucket_keys[layer] is not None:
+                self.index[layer].append(slots, tail_length, new_bucket_keys[layer])
 
     def _store(self, layer: int, slots, positions, keys: Tensor, values: Tensor) -> None:
         """Write keys/values (..., H, d) for (slots, positions): ints and slices, or (B,) index tensors."""

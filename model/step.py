@@ -130,7 +130,8 @@ def _lsh(attn, h: Tensor, caches: StepCaches, layer: int, rows: _Rows, arange) -
     if full > width:
         window = torch.cat([window, window.new_zeros(*window.shape[:3], full - width)], dim=-1)
     window = torch.where(rows.hashed, window, everything.clamp(max=max_length - 1))
-    valid = torch.where(rows.hashed, everything < width, everything <= rows.positions.view(-1, 1, 1, 1))
+    # (logical operators rather than a boolean where, which onnxruntime does not implement)
+    valid = (rows.hashed & (everything < width)) | (~rows.hashed & (everything <= rows.positions.view(-1, 1, 1, 1)))
     keys, values = _gather(caches.kv[layer], rows, window, new_kv)  # (B, H, R, W, d)
     masked, self_value = mask_values(keys.dtype)
     scores = (keys @ qk.view(batch, heads, 1, size, 1)).squeeze(-1).float()  # (B, H, R, W)

@@ -37,7 +37,7 @@ def build_server(settings: ServerSettings):
     api = ReformerAPI(settings, spec)
     server = ls.LitServer(
         api, accelerator=device, devices=1, workers_per_device=1, timeout=False,
-        healthcheck_path="/litserve/health", info_path="/info",
+        healthcheck_path="/litserve/health", info_path="/litserve/info",
         model_metadata={"model": info.name, "backend": settings.backend, "device": device,
                         "max_context": info.max_context})
     return server, draining, inflight

@@ -13,6 +13,7 @@ It returns events `(route, event)` for the HTTP processes; `route` says which on
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import time
@@ -128,11 +129,15 @@ class Work:
 
 class Engine:
     def __init__(self, model: ReformerLM, tokenizer, *, max_running: int = 16, max_length: int | None = None,
-                 prefill_batch_tokens: int = 65536, tail_capacity: int = 64, metrics=None):
+                 prefill_batch_tokens: int = 65536, tail_capacity: int = 64, metrics=None,
+                 decoder: Decoder | None = None, embedder=None):
+        """`decoder` and `embedder(documents, pooling=, max_batch_tokens=)` default to torch's; the ONNX
+        backend passes its own."""
         self.model = model
         self.tokenizer = tokenizer
-        self.decoder = Decoder(model, num_slots=max_running, max_length=max_length, tail_capacity=tail_capacity,
-                               prefill_batch_tokens=prefill_batch_tokens)
+        self.decoder = decoder or Decoder(model, num_slots=max_running, max_length=max_length,
+                                          tail_capacity=tail_capacity, prefill_batch_tokens=prefill_batch_tokens)
+        self.embed_steps = embedder or functools.partial(embed_steps, model)
         self.prefill_batch_tokens = prefill_batch_tokens
         self.metrics = metrics
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -249,8 +254,7 @@ class Engine:
             members, tokens = _take_within(self.waiting_embeds, self.prefill_batch_tokens,
                                            lambda job: sum(map(len, job.documents)), pooling=True)
             documents = [d for job in members for d in job.documents]
-            steps = embed_steps(self.model, documents, pooling=members[0].pooling,
-                                max_batch_tokens=self.prefill_batch_tokens)
+            steps = self.embed_steps(documents, pooling=members[0].pooling, max_batch_tokens=self.prefill_batch_tokens)
             lengths = [len(d) for d in documents]
         else:
             members, tokens = _take_within(self.waiting, self.prefill_batch_tokens, lambda job: len(job.prompt_ids),

@@ -20,7 +20,8 @@ class ServerSettings:
     model: str | None = None  # checkpoint directory (ours or HF); None = the embedded default model
     served_model_name: str | None = None
     device: str = "auto"  # auto | cpu | cuda
-    backend: str = "torch"
+    backend: str = "torch"  # torch | onnx (graphs exported at start-up, or read from onnx_dir)
+    onnx_dir: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -61,6 +62,13 @@ class ServerSettings:
     def max_context(self, config: ReformerConfig) -> int:
         return min(config.max_positions, self.max_model_len or config.max_positions)
 
+    @property
+    def execution_provider(self) -> str | None:
+        """What onnxruntime runs on (the worker refuses to start otherwise), None for the torch backend."""
+        if self.backend != "onnx":
+            return None
+        return "CUDAExecutionProvider" if self.resolved_device().startswith("cuda") else "CPUExecutionProvider"
+
     def resolved_device(self) -> str:
         import torch
 
@@ -95,7 +103,9 @@ def parse_args(argv: list[str] | None = None) -> ServerSettings:
                                         "default: the embedded model")
     parser.add_argument("--served-model-name", help="the model id clients use (default: from the directory)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=defaults.device)
-    parser.add_argument("--backend", choices=["torch"], default=defaults.backend)
+    parser.add_argument("--backend", choices=["torch", "onnx"], default=defaults.backend,
+                        help="onnx: onnxruntime runs graphs exported from the model (CUDA provider on a GPU)")
+    parser.add_argument("--onnx-dir", help="where the exported graphs are (or go): default a cache directory")
     parser.add_argument("--host", default=defaults.host, help="0.0.0.0, 127.0.0.1 or ::")
     parser.add_argument("--port", type=int, default=defaults.port)
     parser.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")

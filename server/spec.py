@@ -61,7 +61,8 @@ class OpenAISpec(LitSpec):
             ("/v1/completions", self.completions, ["POST"]), ("/v1/embeddings", self.embeddings, ["POST"]),
             ("/v1/models", self.models, ["GET"]), ("/tokenize", self.tokenize, ["POST"]),
             ("/detokenize", self.detokenize, ["POST"]), ("/health", self.health, ["GET"]),
-            ("/ready", self.ready, ["GET"]), ("/metrics", self.metrics_route, ["GET"])]:
+            ("/ready", self.ready, ["GET"]), ("/metrics", self.metrics_route, ["GET"]),
+            ("/info", self.info_route, ["GET"])]:
             self.add_endpoint(path, handler, methods)
 
     def _reset_process_state(self) -> None:
@@ -251,6 +252,12 @@ class OpenAISpec(LitSpec):
         except APIError as error:
             return error.response()
         return JSONResponse({"status": "ready", "model": self.info.name})
+
+    async def info_route(self, request: Request) -> Response:
+        settings = self.settings
+        return JSONResponse({"model": self.info.name, "backend": settings.backend,
+                             "device": settings.resolved_device(), "execution_provider": settings.execution_provider,
+                             "max_context": self.info.max_context, "embedding_size": self.info.embedding_size})
 
     async def metrics_route(self, request: Request) -> Response:
         from .metrics import exposition

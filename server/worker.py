@@ -99,15 +99,45 @@ class ReformerAPI(ls.LitAPI):
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         model = model.to(device=device, dtype=dtype).eval()
         metrics = Metrics()
-        metrics.info.labels(backend=settings.backend, device=device, model=settings.model_name).set(1)
+        metrics.info.labels(backend=settings.backend, device=settings.execution_provider or device,
+                            model=settings.model_name).set(1)
         max_length = settings.max_context(model.config)
         slots = self._slots_that_fit(model.config, max_length, dtype, device)
+        decoder = embedder = None
+        if settings.backend == "onnx":
+            decoder, embedder = self._onnx_backend(model, slots, max_length, device)
         self.engine = Engine(model, load_tokenizer(settings.model_path), max_running=slots, max_length=max_length,
                              prefill_batch_tokens=settings.prefill_batch_tokens,
-                             tail_capacity=settings.tail_capacity, metrics=metrics)
+                             tail_capacity=settings.tail_capacity, metrics=metrics, decoder=decoder,
+                             embedder=embedder)
         self._warm_up()
-        log.info("engine ready: %s on %s (%s), backend %s, %d decode slots of %d tokens", settings.model_name,
-                 device, str(dtype).removeprefix("torch."), settings.backend, slots, max_length)
+        log.info("engine ready: %s on %s (%s), backend %s%s, %d decode slots of %d tokens", settings.model_name,
+                 device, str(dtype).removeprefix("torch."), settings.backend,
+                 f" ({settings.execution_provider})" if settings.execution_provider else "", slots, max_length)
+
+    def _onnx_backend(self, model, slots: int, max_length: int, device: str):
+        """Graphs exported for this pool (once; reused from the directory when its manifest matches)."""
+        import functools
+        import json
+        from pathlib import Path
+
+        from export.backend import OnnxDecoder, embed_steps
+        from export.exporter import export_model
+        from export.runtime import ExportedModel
+
+        settings = self.settings
+        pool = {"slots": slots, "max_length": max_length, "tail_capacity": settings.tail_capacity}
+        directory = Path(settings.onnx_dir or Path.home() / ".cache" / "reformer-server" / "onnx" /
+                         f"{settings.model_name}-{slots}x{max_length}-{str(model.dtype).removeprefix('torch.')}")
+        manifest = directory / "manifest.json"
+        if not manifest.exists() or json.loads(manifest.read_text())["pool"] != pool:
+            log.info("exporting ONNX graphs to %s", directory)
+            export_model(model.cpu() if device != "cpu" else model, directory, source=settings.model_path,
+                         progress=log.info, **pool)
+            model.to(device)
+        exported = ExportedModel(directory, device)
+        decoder = OnnxDecoder(model, exported, prefill_batch_tokens=settings.prefill_batch_tokens)
+        return decoder, functools.partial(embed_steps, exported, model.config, torch.device(device))
 
     def _slots_that_fit(self, config, max_length: int, dtype: torch.dtype, device: str) -> int:
         """As many decode slots as asked for, or as the cache budget holds (each slot spans max_length)."""

@@ -401,3 +401,32 @@ def test_stream_lines_survive_clients_that_split_on_unicode_separators(server):
         raw = b"".join(response.iter_bytes())
     lines = [line for line in raw.decode().splitlines() if line.startswith("data: {")]
     assert lines and all(json.loads(line[6:]) for line in lines)
+
+
+# ---- the onnxruntime backend ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def onnx_server(checkpoint, tmp_path_factory):
+    running = RunningServer(checkpoint, "--backend", "onnx", "--max-running", "4", "--max-model-len", "512",
+                            "--onnx-dir", str(tmp_path_factory.mktemp("graphs")))
+    yield running
+    running.stop()
+
+
+def test_onnx_backend_serves_the_same_completions_and_embeddings(onnx_server, local_model):
+    prompt = "The Reformer"
+    with onnx_server.client() as client:
+        body = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 16, "temperature": 0,
+                                                    "return_token_ids": True}).json()
+        stream = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 16, "temperature": 0,
+                                                      "stream": True})
+        vectors = client.post("/v1/embeddings", json={"input": ["one document", "another " * 30]}).json()
+        info = client.get("/info").json()
+    expected = generate(local_model, [ByteTokenizer().encode(prompt)], SamplingParams(max_tokens=16, temperature=0))
+    assert body["choices"][0]["token_ids"] == expected[0].token_ids
+    pieces = [json.loads(line[6:]) for line in stream.text.splitlines() if line.startswith("data: {")]
+    assert "".join(p["choices"][0]["text"] for p in pieces if p["choices"]) == body["choices"][0]["text"]
+    reference = embed(local_model, [ByteTokenizer().encode(t) for t in ("one document", "another " * 30)],
+                      normalize=True).numpy()
+    assert np.allclose([d["embedding"] for d in vectors["data"]], reference, atol=1e-4)
+    assert info["backend"] == "onnx" and info["execution_provider"] == "CPUExecutionProvider"
+    assert 'reformer:info{backend="onnx",device="CPUExecutionProvider"' in httpx.get(f"{onnx_server.url}/metrics").text

@@ -1,0 +1,32 @@
+"""python -m export --model DIR --out DIR [--slots 16] [--max-length N] [--tail-capacity 64] [--dtype float32]"""
+
+import argparse
+import time
+
+import torch
+
+from model.checkpoint import load_model
+
+from .exporter import export_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m export", description="Export a Reformer to ONNX graphs.")
+    parser.add_argument("--model", required=True, help="checkpoint directory (ours or a Hugging Face Reformer)")
+    parser.add_argument("--out", required=True, help="directory for the graphs and manifest.json")
+    parser.add_argument("--slots", type=int, default=16, help="decode slots of the pool the decode graph serves")
+    parser.add_argument("--max-length", type=int, help="tokens per slot (default: the model's positions)")
+    parser.add_argument("--tail-capacity", type=int, default=64)
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    model = load_model(args.model).to(getattr(torch, args.dtype))
+    max_length = min(args.max_length or model.config.max_positions, model.config.max_positions)
+    manifest = export_model(model, args.out, slots=args.slots, max_length=max_length,
+                            tail_capacity=args.tail_capacity, source=args.model,
+                            progress=lambda line: print(f"[{time.perf_counter() - started:6.1f} s] {line}", flush=True))
+    print(f"wrote {len(manifest['graphs'])} graphs and manifest.json to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""onnxruntime sessions for the exported graphs, with inputs and outputs bound to torch tensors.
+
+On a GPU the CUDA execution provider runs with IOBinding, so inputs and outputs stay on the device, and a
+session whose CUDA provider did not load is an error (onnxruntime would otherwise fall back to the CPU
+without a word). On a CPU the same binding code runs with the CPU provider.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import Tensor
+
+DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16,
+          "tensor(int64)": torch.int64, "tensor(bool)": torch.bool, "tensor(int32)": torch.int32}
+NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_,
+         torch.int32: np.int32}
+
+
+def create_session(path: str | Path, device: str) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    cuda = device.startswith("cuda")
+    if cuda:
+        # CUDA only, and no silent fallback: a GPU server must not quietly run its graphs on the CPU.
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        providers = [("CUDAExecutionProvider", {"device_id": torch.device(device).index or 0})]
+    else:
+        providers = ["CPUExecutionProvider"]
+    advice = "install onnxruntime-gpu with CUDA 13 and cuDNN 9, or serve with --device cpu"
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as error:  # noqa: BLE001 - re-raised with what to do about it
+        if cuda:
+            raise RuntimeError(f"the CUDA execution provider does not run for {path}: {error}; {advice}") from None
+        raise RuntimeError(f"onnxruntime could not load {path}: {error}") from None
+    if cuda and session.get_providers()[0] != "CUDAExecutionProvider":
+        raise RuntimeError(f"the CUDA execution provider does not run ({session.get_providers()}); {advice}")
+    return session
+
+
+class BoundGraph:
+    """One session; `run(inputs, output_shapes)` binds torch tensors in and preallocated torch tensors out."""
+
+    def __init__(self, path: str | Path, device: str):
+        self.device = torch.device(device)
+        self.session = create_session(path, device)
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [(o.name, DTYPES[o.type]) for o in self.session.get_outputs()]
+
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
+
+    def run(self, inputs: list[Tensor], output_shapes: list[tuple[int, ...]]) -> list[Tensor]:
+        binding = self.session.io_binding()
+        kind = "cuda" if self.device.type == "cuda" else "cpu"
+        index = self.device.index or 0
+        for name, tensor in zip(self.inputs, inputs):
+            tensor = tensor.contiguous()
+            binding.bind_input(name, kind, index, NUMPY[tensor.dtype], list(tensor.shape), tensor.data_ptr())
+        results = []
+        for (name, dtype), shape in zip(self.outputs, output_shapes):
+            tensor = torch.empty(shape, dtype=dtype, device=self.device)
+            binding.bind_output(name, kind, index, NUMPY[dtype], list(shape), tensor.data_ptr())
+            results.append(tensor)
+        self.session.run_with_iobinding(binding)
+        return results
+
+
+class ExportedModel:
+    """The graphs of one export directory (see export.exporter), on one device."""
+
+    def __init__(self, directory: str | Path, device: str = "cpu"):
+        directory = Path(directory)
+        self.directory = directory
+        self.manifest = json.loads((directory / "manifest.json").read_text())
+        self.graphs = {name: BoundGraph(directory / entry["file"], device)
+                       for name, entry in self.manifest["graphs"].items()}
+
+    @property
+    def provider(self) -> str:
+        return self.graphs["decode"].provider
+
+    def prefill_graph(self, length: int) -> BoundGraph:
+        for name, entry in self.manifest["graphs"].items():
+            if name != "decode" and entry["min"] <= length <= entry["max"] and length % entry["multiple"] == 0:
+                return self.graphs[name]
+        raise ValueError(f"no exported prefill graph takes a padded length of {length}")

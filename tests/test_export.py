@@ -1,0 +1,115 @@
+"""ONNX export and the onnxruntime backend against PyTorch (CPU, fp32)."""
+
+import onnx
+import pytest
+import torch
+
+from export.backend import OnnxDecoder, embed_steps
+from export.exporter import export_model, prefill_regimes
+from export.runtime import ExportedModel, create_session
+from model import SamplingParams, embed, generate
+from model.config import ReformerConfig
+from model.decode import Decoder
+from model.reformer import ReformerLM
+from tests.seed import rng_for
+
+CONFIGS = {
+    # equal chunk lengths: a short graph and a bucketed one
+    "equal-chunks": dict(attn_layers=("local", "lsh", "lsh"), lsh_attn_chunk_length=16, local_attn_chunk_length=16,
+                         num_buckets=4, num_hashes=2, lsh_num_chunks_before=1, local_num_chunks_before=1),
+    # different chunk lengths: also the length at which only the larger-chunk layers run plain attention
+    "mixed-chunks": dict(attn_layers=("lsh", "local", "local", "lsh"), lsh_attn_chunk_length=32,
+                         local_attn_chunk_length=16, num_buckets=[2, 4], num_hashes=3, lsh_num_chunks_before=2,
+                         local_num_chunks_before=2),
+}
+
+
+def drain(job):
+    while True:
+        try:
+            next(job)
+        except StopIteration as done:
+            return done.value
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def exported(request, tmp_path_factory):
+    config = ReformerConfig(vocab_size=258, hidden_size=32, num_attention_heads=2, attention_head_size=16,
+                            feed_forward_size=64, axial_pos_shape=(16, 32), axial_pos_embds_dim=(16, 16),
+                            max_position_embeddings=512, eos_token_id=None, hash_seed=7, **CONFIGS[request.param])
+    torch.manual_seed(0)
+    model = ReformerLM(config).eval()
+    with torch.no_grad():  # sharper weights: outputs depend on every detail
+        for parameter in model.parameters():
+            if parameter.dim() >= 2:
+                parameter.mul_(4)
+    directory = tmp_path_factory.mktemp("onnx") / request.param
+    export_model(model, directory, slots=4, max_length=256, tail_capacity=8, progress=lambda _: None)
+    return model, ExportedModel(directory, "cpu")
+
+
+def test_graphs_are_valid_deterministic_and_dynamic(exported):
+    model, graphs = exported
+    manifest = graphs.manifest
+    assert set(manifest["graphs"]) == {r["name"] for r in prefill_regimes(model.config)} | {"decode"}
+    for entry in manifest["graphs"].values():
+        proto = onnx.load(str(graphs.directory / entry["file"]))
+        onnx.checker.check_model(proto)
+        assert not [n.op_type for n in proto.graph.node if n.op_type.startswith("Random")]
+        assert isinstance(entry["inputs"][0]["shape"][0], str)  # a symbolic (dynamic) batch in every graph
+    if model.config.lsh_attn_chunk_length != model.config.local_attn_chunk_length:
+        assert "prefill_mid" in manifest["graphs"]
+    assert manifest["opset"] >= 18 and manifest["pool"] == {"slots": 4, "max_length": 256, "tail_capacity": 8}
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_logits_and_embeddings_match_torch_across_lengths(exported, batch):
+    model, graphs = exported
+    rng = rng_for("onnx-forward", batch)
+    documents = [[rng.randrange(3, 258) for _ in range(n)] for n in (1, 7, 16, 32, 40, 64, 130)[: 3 + 2 * batch]]
+    expected = embed(model, documents, pooling="mean")
+    actual = drain(embed_steps(graphs, model.config, torch.device("cpu"), documents, pooling="mean"))
+    assert (expected - actual).abs().max() <= 1e-4
+    for documents_group in (documents[:batch], documents[-batch:]):
+        decoder, onnx_decoder = Decoder(model, 4, 256, tail_capacity=8), OnnxDecoder(model, graphs)
+        slots = [(decoder.allocate(), onnx_decoder.allocate()) for _ in documents_group]
+        torch_logits = decoder.prefill([(a, d) for (a, _), d in zip(slots, documents_group)], prompt_logits=True)
+        onnx_logits = onnx_decoder.prefill([(b, d) for (_, b), d in zip(slots, documents_group)], prompt_logits=True)
+        assert (torch_logits.last_logits - onnx_logits.last_logits).abs().max() <= 1e-4
+        for a, b in zip(torch_logits.prompt_logits, onnx_logits.prompt_logits):
+            assert (a - b).abs().max() <= 1e-4
+
+
+def test_decode_steps_match_torch_and_repeat_exactly(exported):
+    model, graphs = exported
+    rng = rng_for("onnx-decode")
+    prompts = [[rng.randrange(3, 258) for _ in range(n)] for n in (1, 20, 33)]
+    runs = []
+    for _ in range(2):
+        onnx_decoder = OnnxDecoder(model, graphs)
+        slots = [onnx_decoder.allocate() for _ in prompts]
+        logits = [onnx_decoder.prefill(list(zip(slots, prompts))).last_logits]
+        for t in range(32):  # 32 steps: several tail merges (capacity 8); batch of 3, then 1
+            active = slots if t % 4 else slots[1:2]
+            logits.append(onnx_decoder.step(active, [3 + (t * 7 + i) % 250 for i in range(len(active))]))
+        runs.append(logits)
+    decoder = Decoder(model, 4, 256, tail_capacity=8)
+    slots = [decoder.allocate() for _ in prompts]
+    expected = [decoder.prefill(list(zip(slots, prompts))).last_logits]
+    for t in range(32):
+        active = slots if t % 4 else slots[1:2]
+        expected.append(decoder.step(active, [3 + (t * 7 + i) % 250 for i in range(len(active))]))
+    for a, b, c in zip(runs[0], runs[1], expected):
+        assert torch.equal(a, b)  # two runs give identical results
+        assert (a - c).abs().max() <= 1e-4
+    greedy = SamplingParams(max_tokens=24, temperature=0.0)
+    assert ([o.token_ids for o in generate(model, prompts, greedy, decoder=OnnxDecoder(model, graphs))]
+            == [o.token_ids for o in generate(model, prompts, greedy)])
+
+
+def test_cuda_provider_that_does_not_run_is_an_error(exported, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the CUDA provider is expected to run")
+    _, graphs = exported
+    with pytest.raises(RuntimeError, match="CUDA"):
+        create_session(graphs.directory / "decode.onnx", "cuda")
