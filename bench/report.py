@@ -151,6 +151,21 @@ def loadtest_section(result: dict) -> list[str]:
     return lines
 
 
+def export_section(result: dict) -> list[str]:
+    lines = [f"### {result['device']} — {result['date'][:10]}", "",
+             f"onnxruntime provider `{result['provider']}`, torch {result['torch']}; export of the three graphs took "
+             f"{result['export_seconds']:.0f} s.", "",
+             "| embedding of | PyTorch eager | onnxruntime | onnxruntime ÷ PyTorch |", "|---:|---:|---:|---:|"]
+    for entry in result["embeddings"]:
+        lines.append(f"| {entry['tokens']:,} tokens | {entry['torch_ms']:,.0f} ms | {entry['onnx_ms']:,.0f} ms | "
+                     f"{_ratio(entry['onnx_ms'], entry['torch_ms'])} |")
+    lines += ["", "| decode step | PyTorch eager | onnxruntime | onnxruntime ÷ PyTorch |", "|---|---:|---:|---:|"]
+    for entry in result["steps"]:
+        lines.append(f"| context {entry['context']:,}, batch {entry['batch']} | {entry['torch_ms']:.1f} ms | "
+                     f"{entry['onnx_ms']:.1f} ms | {_ratio(entry['onnx_ms'], entry['torch_ms'])} |")
+    return lines + [""]
+
+
 def checks_section(result: dict) -> list[str]:
     lines = [f"### GPU correctness checks — {result['device']}, {result['date'][:10]}", "",
              "| check | max abs difference |", "|---|---:|"]
@@ -197,6 +212,11 @@ def main() -> None:
         "`python -m bench.bench_server`: the same engine driven in-process and through a real server on 127.0.0.1 "
         "with concurrent SSE clients; the first byte of a stream is the `: accepted` comment, then progress "
         "comments during the prefill.")
+    lines += _section(
+        [r for r in results if r.get("benchmark") == "export"], export_section,
+        "## ONNX: onnxruntime vs PyTorch eager",
+        "`python -m bench.bench_export`: the core benchmark's model exported (`python -m export`) and run by "
+        "onnxruntime beside the same model in PyTorch eager (no CUDA graphs), same process.")
     lines += _section(
         [r for r in results if r.get("benchmark") == "loadtest"], loadtest_section,
         "## Load test: capacity under a latency gate",

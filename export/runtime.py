@@ -24,6 +24,8 @@ NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.i
 def create_session(path: str | Path, device: str) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # Idle threads sleep instead of spinning: the server's HTTP process and torch share these cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     cuda = device.startswith("cuda")
     if cuda:
         # CUDA only, and no silent fallback: a GPU server must not quietly run its graphs on the CPU.
