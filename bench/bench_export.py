@@ -29,7 +29,8 @@ from export.backend import OnnxDecoder, embed_steps  # noqa: E402
 from export.exporter import export_model  # noqa: E402
 from export.runtime import ExportedModel  # noqa: E402
 from model import ReformerConfig, ReformerLM, embed  # noqa: E402
-from model.decode import Decoder  # noqa: E402
+from model.decode import Decoder
+from model.reformer import drain  # noqa: E402
 
 LENGTHS = (1024, 4096, 16384)
 SLOTS, MAX_LENGTH = 8, 16384 + 256
@@ -46,13 +47,6 @@ def median_seconds(run, device, repeats: int = 3) -> float:
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
-
-def drain(job):
-    while True:
-        try:
-            next(job)
-        except StopIteration as done:
-            return done.value
 
 
 def step_time(decoder: Decoder, context: int, batch: int, device, steps: int = 40) -> float:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .bucket_index import BucketIndex
 from .embed import length_groups
-from .reformer import ReformerLM, pad_batch, run_layers
+from .reformer import ReformerLM, drain, pad_batch, run_layers
 from .step import StepCaches, decode_step, fused_projections
 
 log = logging.getLogger(__name__)
@@ -131,12 +131,7 @@ class Decoder:
     # ---- prefill --------------------------------------------------------------------------------------
     def prefill(self, prompts: Sequence[tuple[int, Sequence[int]]], *, prompt_logits: bool = False) -> PrefillResult:
         """Run prompts (slot, token ids) through the full forward and fill their slots."""
-        job = self.prefill_steps(prompts, prompt_logits=prompt_logits)
-        while True:
-            try:
-                next(job)
-            except StopIteration as done:
-                return done.value
+        return drain(self.prefill_steps(prompts, prompt_logits=prompt_logits))
 
     def prefill_steps(self, prompts: Sequence[tuple[int, Sequence[int]]], *,
                       prompt_logits: bool = False) -> Iterator[None]:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .reformer import ReformerLM, pad_batch, run_layers
+from .reformer import ReformerLM, drain, pad_batch, run_layers
 
 POOLINGS = ("mean", "first", "last", "max")
 
@@ -35,12 +35,7 @@ def embed(model: ReformerLM, documents: Sequence[Sequence[int]], *, pooling: str
     Documents are grouped by padded length and packed under `max_batch_tokens`, so each is computed
     exactly as it would be alone.
     """
-    job = embed_steps(model, documents, pooling=pooling, normalize=normalize, max_batch_tokens=max_batch_tokens)
-    while True:
-        try:
-            next(job)
-        except StopIteration as done:
-            return done.value
+    return drain(embed_steps(model, documents, pooling=pooling, normalize=normalize, max_batch_tokens=max_batch_tokens))
 
 
 def embed_steps(model: ReformerLM, documents: Sequence[Sequence[int]], *, pooling: str = "mean",

@@ -121,6 +121,15 @@ def pad_batch(sequences: list, length: int, pad_id: int, device: torch.device) -
     return ids.to(device), mask.to(device)
 
 
+def drain(job):
+    """Run a stepwise job (a generator that yields between pieces of work) to the end; its return value."""
+    while True:
+        try:
+            next(job)
+        except StopIteration as done:
+            return done.value
+
+
 def run_layers(model: ReformerLM, ids: Tensor, mask: Tensor, *, want_kv: bool = False):
     """Advance a full forward one block per `next()`, each under inference mode.
 

@@ -10,6 +10,7 @@ from export.runtime import ExportedModel, create_session
 from model import SamplingParams, embed, generate
 from model.config import ReformerConfig
 from model.decode import Decoder
+from model.reformer import drain
 from model.reformer import ReformerLM
 from tests.seed import rng_for
 
@@ -23,13 +24,6 @@ CONFIGS = {
                          local_num_chunks_before=2),
 }
 
-
-def drain(job):
-    while True:
-        try:
-            next(job)
-        except StopIteration as done:
-            return done.value
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
