@@ -29,7 +29,7 @@ from export.backend import OnnxDecoder, embed_steps  # noqa: E402
 from export.exporter import export_model  # noqa: E402
 from export.runtime import ExportedModel  # noqa: E402
 from model import ReformerConfig, ReformerLM, embed  # noqa: E402
-from model.decode import Decoder
+from model.decode import Decoder  # noqa: E402
 from model.reformer import drain  # noqa: E402
 
 LENGTHS = (1024, 4096, 16384)
