@@ -1,9 +1,10 @@
 """Incremental decoding with cached LSH buckets over a pool of preallocated sequence slots.
 
 Step semantics are the reference's cached step (transformers' `past_buckets_states`), made correct for
-batches and cheap for long contexts (the step itself is `model.step.decode_step`). The cache keeps projected keys and values (not the reference's hidden states), and a `BucketIndex` per LSH
-layer, so a step costs the same at any context length. Slots are independent: a scheduler can add and
-evict sequences between steps without touching the others.
+batches and cheap for long contexts (the step itself is `model.step.decode_step`). The cache keeps
+projected keys and values (not the reference's hidden states), and a `BucketIndex` per LSH layer, so a
+step costs the same at any context length. Slots are independent: a scheduler can add and evict sequences
+between steps without touching the others.
 """
 
 from __future__ import annotations
@@ -268,11 +269,17 @@ class _GraphCache:
         """Batch sizes are padded to powers of two (capped at the pool size) to bound the graph count."""
         return min(1 << (batch - 1).bit_length(), self.decoder.num_slots)
 
+    def _scratch_rows(self, size: int) -> Tensor:
+        """Step inputs (6, size) whose rows all point at the spare slot, as a sequence of length 1: valid,
+        if meaningless, arithmetic for the rows that pad a batch up to its graph's size."""
+        rows = torch.zeros(6, size, dtype=torch.long)
+        rows[1] = self.decoder.scratch_slot
+        rows[2] = 1
+        return rows
+
     def _capture(self, size: int) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
         decoder = self.decoder
-        static = torch.zeros(6, size, dtype=torch.long, device=decoder.device)
-        static[1] = decoder.scratch_slot
-        static[2] = 1  # a scratch row of length 1: valid, if meaningless, arithmetic
+        static = self._scratch_rows(size).to(decoder.device)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -299,9 +306,7 @@ class _GraphCache:
                 self.failed = True
                 return decoder.step_tensors(*inputs.to(decoder.device))
         graph, static, logits = self.graphs[size]
-        padded = torch.zeros(6, size, dtype=torch.long)
-        padded[1] = decoder.scratch_slot
-        padded[2] = 1
+        padded = self._scratch_rows(size)
         padded[:, :batch] = inputs
         static.copy_(padded, non_blocking=True)
         graph.replay()

@@ -113,6 +113,10 @@ class EmbedJob:
     started: float | None = None
     cancelled: bool = False
 
+    @property
+    def tokens(self) -> int:
+        return sum(map(len, self.documents))
+
 
 @dataclass
 class Work:
@@ -252,7 +256,7 @@ class Engine:
         padded_length = self.model.config.padded_length
         if embeds:
             members, tokens = _take_within(self.waiting_embeds, self.prefill_batch_tokens,
-                                           lambda job: sum(map(len, job.documents)), pooling=True)
+                                           lambda job: job.tokens, pooling=True)
             documents = [d for job in members for d in job.documents]
             steps = self.embed_steps(documents, pooling=members[0].pooling, max_batch_tokens=self.prefill_batch_tokens)
             lengths = [len(d) for d in documents]
@@ -308,7 +312,7 @@ class Engine:
             if not job.cancelled:
                 events.append((job.route, {
                     "uid": job.uid, "type": "embeddings", "vectors": vectors[offset: offset + count].numpy(),
-                    "usage": {"prompt_tokens": sum(map(len, job.documents))}}))
+                    "usage": {"prompt_tokens": job.tokens}}))
             offset += count
 
     def _start_decoding(self, work: Work, result, events: list) -> None:
@@ -379,8 +383,7 @@ def _take_within(pending: deque, budget: int, size, *, limit: int | None = None,
 
 
 def _finished(job, reason: str, *, timeout: bool = False) -> dict:
-    usage = {"prompt_tokens": len(job.prompt_ids) if isinstance(job, GenerateJob) else
-             sum(map(len, job.documents))}
+    usage = {"prompt_tokens": len(job.prompt_ids) if isinstance(job, GenerateJob) else job.tokens}
     if isinstance(job, GenerateJob):
         usage["completion_tokens"] = len(job.generated)
     return {"uid": job.uid, "type": "done", "finish_reason": reason, "timeout": timeout, "usage": usage,
