@@ -261,18 +261,22 @@ class LSHSelfAttention(_ChunkedSelfAttention):
         return hash_vectors(qk, self.rotations, self.num_buckets)
 
     def forward(self, hidden: Tensor, attention_mask: Tensor | None = None, *,
-                want_kv: bool = False) -> tuple[Tensor, LayerKV | None]:
-        """hidden: (B, L, hidden) normalised input; attention_mask: (B, L) bool, False for padding."""
+                want_kv: bool = False, buckets: Tensor | None = None) -> tuple[Tensor, LayerKV | None]:
+        """hidden: (B, L, hidden) normalised input; attention_mask: (B, L) bool, False for padding.
+
+        `buckets` replaces hashing: reversible training's backward pass recomputes a layer with the buckets
+        of its forward pass, since a rounding difference in the recomputed input could move a token.
+        """
         batch, length, _ = hidden.shape
         qk = split_heads(self.qk(hidden), self.heads)
         v = split_heads(self.v(hidden), self.heads)
         keys = normalize_keys(qk)
-        buckets = None
         if length <= self.chunk:
             context = full_attention(qk, keys, v, attention_mask, causal=self.causal, self_mask=True,
                                      dropout=self.dropout if self.training else 0.0)
         else:
-            buckets = self.hash(qk)
+            if buckets is None:
+                buckets = self.hash(qk)
             context = self._bucketed(qk, keys, v, buckets, attention_mask)
         kv = None
         if want_kv:
@@ -326,7 +330,7 @@ class LocalSelfAttention(_ChunkedSelfAttention):
         self.v = self._projection(config)
 
     def forward(self, hidden: Tensor, attention_mask: Tensor | None = None, *,
-                want_kv: bool = False) -> tuple[Tensor, LayerKV | None]:
+                want_kv: bool = False, buckets: None = None) -> tuple[Tensor, LayerKV | None]:
         batch, length, _ = hidden.shape
         q = split_heads(self.q(hidden), self.heads)
         k = split_heads(self.k(hidden), self.heads) / math.sqrt(self.head_size)

@@ -99,8 +99,9 @@ class ReformerBlock(nn.Module):
         self.ff = FeedForward(config)
         self.dropout = config.hidden_dropout_prob
 
-    def attention(self, x2: Tensor, mask: Tensor | None, want_kv: bool = False) -> tuple[Tensor, LayerKV | None]:
-        out, kv = self.attn(self.attn_norm(x2), mask, want_kv=want_kv)
+    def attention(self, x2: Tensor, mask: Tensor | None, want_kv: bool = False,
+                  buckets: Tensor | None = None) -> tuple[Tensor, LayerKV | None]:
+        out, kv = self.attn(self.attn_norm(x2), mask, want_kv=want_kv, buckets=buckets)
         return F.dropout(out, self.dropout, self.training), kv
 
     def forward(self, x1: Tensor, x2: Tensor, mask: Tensor | None = None,
