@@ -174,9 +174,45 @@ def checks_section(result: dict) -> list[str]:
     return lines + [""]
 
 
-def _section(results: list[dict], render, title: str, intro: str) -> list[str]:
+def eval_section(result: dict) -> list[str]:
+    xz = result["compressors_bpb"]["xz -9e"]
+    lines = [f"### {result['device']} — {result['date'][:10]}", "",
+             f"{result['parameters'] / 1e6:.1f}M parameters, context {result['model']['max_position_embeddings']:,}; "
+             f"test split of Python {result['python']}'s standard library: {result['test_split']['files']} files, "
+             f"{result['test_split']['bytes']:,} bytes.", "",
+             "| coder | bits per byte | ÷ xz -9e |", "|---|---:|---:|",
+             f"| default model | {result['model_bpb']:.3f} | {_ratio(result['model_bpb'], xz)} |"]
+    for name, value in result["compressors_bpb"].items():
+        lines.append(f"| {name} | {value:.3f} | {_ratio(value, xz)} |")
+    buckets = result["position_buckets_bpb"]
+    first, last = buckets["0K-1K"], buckets["16K+"]
+    lines += ["", f"Target: ≥15% below xz -9e — {100 * result['below_xz']:.1f}%, {_verdict(result['below_xz'] >= 0.15)}.",
+              "", f"By position in the {result['long_files']} test files longer than 16K bytes:", "",
+              "| " + " | ".join(buckets) + " |", "|" + "---:|" * len(buckets),
+              "| " + " | ".join(f"{v:.3f}" for v in buckets.values()) + " |", "",
+              f"Target: 16K+ below 0–1K — {last:.3f} vs {first:.3f}, {_verdict(last < first)}.", "",
+              f"![bits per byte by position](bench/results/{result['plot']})", ""]
+    return lines
+
+
+def train_memory_section(result: dict) -> list[str]:
+    lines = [f"### {result['device']} — {result['date'][:10]}", "",
+             f"`{result['preset']}` training preset; {result['measure']}.", "",
+             "| layers | tokens | reversible | ordinary residual | reversible ÷ ordinary |", "|---:|---:|---:|---:|---:|"]
+
+    def shown(entry: dict) -> str:
+        return f"{entry['peak_bytes'] / 2**20:,.0f} MiB" if entry["fits"] else "does not fit"
+
+    for row in result["rows"]:
+        rev, plain = row["reversible"], row["ordinary"]
+        ratio = _ratio(rev["peak_bytes"], plain["peak_bytes"]) if rev["fits"] and plain["fits"] else "n/a"
+        lines.append(f"| {row['layers']} | {row['tokens']:,} | {shown(rev)} | {shown(plain)} | {ratio} |")
+    return lines + [""]
+
+
+def _section(results: list[dict], render, title: str, intro: str, *, gpu: bool = True) -> list[str]:
     lines = [title, "", intro, ""]
-    if not any(r.get("device_type", r.get("device")) == "cuda" for r in results):
+    if gpu and not any(r.get("device_type", r.get("device")) == "cuda" for r in results):
         lines += ["GPU numbers: pending (no GPU run recorded yet).", ""]
     for result in results:
         lines += render(result)
@@ -206,6 +242,17 @@ def main() -> None:
     for result in results:
         if result.get("benchmark") == "gpu_checks":
             lines += checks_section(result)
+    lines += _section(
+        [r for r in results if r.get("benchmark") == "eval_default"], eval_section,
+        "## Default model: bits per byte against the compressors",
+        "`python -m bench.eval_default` (see `model/default/MODEL_CARD.md`): the embedded model and gzip, bz2 and "
+        "xz on exactly the same bytes, computed in the same run.", gpu=False)
+    lines += _section(
+        [r for r in results if r.get("benchmark") == "train_memory"], train_memory_section,
+        "## Training memory: reversible layers vs ordinary residual layers",
+        "`python -m bench.bench_train_memory`: one training step (forward and backward) of the same model on the "
+        "same tokens, each in a fresh process (the paper's claim: activations stored once, not per layer; the "
+        "issue's target at 64K tokens on a GPU: reversible ≤ 1/3 of ordinary).")
     lines += _section(
         [r for r in results if r.get("benchmark") == "server"], server_section,
         "## Server: the engine alone vs streamed end to end",
