@@ -219,6 +219,38 @@ def _section(results: list[dict], render, title: str, intro: str, *, gpu: bool =
     return lines
 
 
+# (benchmark name in the JSON, renderer, title, introduction, whether a GPU result is expected)
+SECTIONS = [
+    ("eval_default", eval_section,
+     "## Default model: bits per byte against the compressors",
+     "`python -m bench.eval_default` (see `model/default/MODEL_CARD.md`): the embedded model and gzip, bz2 and "
+     "xz on exactly the same bytes, computed in the same run.",
+     False),
+    ("train_memory", train_memory_section,
+     "## Training memory: reversible layers vs ordinary residual layers",
+     "`python -m bench.bench_train_memory`: one training step (forward and backward) of the same model on the "
+     "same tokens, each in a fresh process (the paper's claim: activations stored once, not per layer; the "
+     "issue's target at 64K tokens on a GPU: reversible ≤ 1/3 of ordinary).",
+     True),
+    ("server", server_section,
+     "## Server: the engine alone vs streamed end to end",
+     "`python -m bench.bench_server`: the same engine driven in-process and through a real server on 127.0.0.1 "
+     "with concurrent SSE clients; the first byte of a stream is the `: accepted` comment, then progress "
+     "comments during the prefill.",
+     True),
+    ("export", export_section,
+     "## ONNX: onnxruntime vs PyTorch eager",
+     "`python -m bench.bench_export`: the core benchmark's model exported (`python -m export`) and run by "
+     "onnxruntime beside the same model in PyTorch eager (no CUDA graphs), same process.",
+     True),
+    ("loadtest", loadtest_section,
+     "## Load test: capacity under a latency gate",
+     "`python -m loadtest.run --sweep ...`: locust (mixed streaming, non-streaming and 1K-to-context embedding "
+     "users) at increasing user counts until a gate fails.",
+     True),
+]
+
+
 def main() -> None:
     results = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("*.json"))]
     core = [r for r in results if r.get("benchmark") == "core"]
@@ -242,33 +274,8 @@ def main() -> None:
     for result in results:
         if result.get("benchmark") == "gpu_checks":
             lines += checks_section(result)
-    lines += _section(
-        [r for r in results if r.get("benchmark") == "eval_default"], eval_section,
-        "## Default model: bits per byte against the compressors",
-        "`python -m bench.eval_default` (see `model/default/MODEL_CARD.md`): the embedded model and gzip, bz2 and "
-        "xz on exactly the same bytes, computed in the same run.", gpu=False)
-    lines += _section(
-        [r for r in results if r.get("benchmark") == "train_memory"], train_memory_section,
-        "## Training memory: reversible layers vs ordinary residual layers",
-        "`python -m bench.bench_train_memory`: one training step (forward and backward) of the same model on the "
-        "same tokens, each in a fresh process (the paper's claim: activations stored once, not per layer; the "
-        "issue's target at 64K tokens on a GPU: reversible ≤ 1/3 of ordinary).")
-    lines += _section(
-        [r for r in results if r.get("benchmark") == "server"], server_section,
-        "## Server: the engine alone vs streamed end to end",
-        "`python -m bench.bench_server`: the same engine driven in-process and through a real server on 127.0.0.1 "
-        "with concurrent SSE clients; the first byte of a stream is the `: accepted` comment, then progress "
-        "comments during the prefill.")
-    lines += _section(
-        [r for r in results if r.get("benchmark") == "export"], export_section,
-        "## ONNX: onnxruntime vs PyTorch eager",
-        "`python -m bench.bench_export`: the core benchmark's model exported (`python -m export`) and run by "
-        "onnxruntime beside the same model in PyTorch eager (no CUDA graphs), same process.")
-    lines += _section(
-        [r for r in results if r.get("benchmark") == "loadtest"], loadtest_section,
-        "## Load test: capacity under a latency gate",
-        "`python -m loadtest.run --sweep ...`: locust (mixed streaming, non-streaming and 1K-to-context embedding "
-        "users) at increasing user counts until a gate fails.")
+    for benchmark, render, title, intro, gpu in SECTIONS:
+        lines += _section([r for r in results if r.get("benchmark") == benchmark], render, title, intro, gpu=gpu)
     (ROOT / "BENCHMARKS.md").write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")
 

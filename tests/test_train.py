@@ -203,3 +203,13 @@ def test_compressor_baselines_are_computed_on_the_bytes():
     repetitive, random_ = compressor_bits(text), compressor_bits(noise)
     assert set(repetitive) == {"gzip -9", "bz2 -9", "xz -9e"}
     assert all(v < 0.5 for v in repetitive.values()) and all(v > 7.9 for v in random_.values())
+
+
+def test_gpu_preset_builds_and_takes_a_short_step():
+    config = PRESETS["gpu"][0]()
+    config.validate()
+    assert config.max_positions == 65536 and {"lsh", "local"} == set(config.attn_layers)
+    model = ReformerLM(config).train()
+    loss = language_model_loss(model, torch.randint(3, 258, (1, 1025)))
+    loss.backward()
+    assert math.isfinite(loss.item()) and all(p.grad is not None for p in model.layers.parameters())
