@@ -12,7 +12,7 @@ sequence never holds the whole (tokens x feed_forward_size) activation either.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -90,12 +90,7 @@ class _ReversibleStack(torch.autograd.Function):
 
 
 def _replay(record: _RandomState | None, device: torch.device):
-    return record.replay(device) if record is not None else _nothing()
-
-
-@contextmanager
-def _nothing():
-    yield
+    return record.replay(device) if record is not None else nullcontext()
 
 
 def _undo_feed_forward(block, record: _BlockRecord, y1: Tensor, y2: Tensor, grad_y2: Tensor) -> tuple[Tensor, Tensor]:
@@ -107,7 +102,8 @@ def _undo_feed_forward(block, record: _BlockRecord, y1: Tensor, y2: Tensor, grad
             with torch.enable_grad():
                 part = y1[:, rows].detach().requires_grad_()
                 out = block.ff._rows(part)
-                torch.autograd.backward(out, grad_y2[:, rows])
+                # (under autocast `out` may be bf16: its gradient is cast as autograd would cast it)
+                torch.autograd.backward(out, grad_y2[:, rows].to(out.dtype))
             with torch.no_grad():
                 x2[:, rows] = y2[:, rows] - out
             grad_y1[:, rows] = part.grad
@@ -120,7 +116,7 @@ def _undo_attention(block, record: _BlockRecord, mask: Tensor | None, x2: Tensor
     with _replay(record.attention_rng, x2.device), torch.enable_grad():
         x2 = x2.detach().requires_grad_()
         attended, _ = block.attention(x2, mask, buckets=record.buckets)
-        torch.autograd.backward(attended, grad_y1)
+        torch.autograd.backward(attended, grad_y1.to(attended.dtype))
     with torch.no_grad():
         x1 = y1 - attended
     return x1, x2.grad

@@ -213,3 +213,24 @@ def test_gpu_preset_builds_and_takes_a_short_step():
     loss = language_model_loss(model, torch.randint(3, 258, (1, 1025)))
     loss.backward()
     assert math.isfinite(loss.item()) and all(p.grad is not None for p in model.layers.parameters())
+
+
+def test_reversible_backward_runs_under_the_forwards_autocast():
+    """bf16 autocast (CPU here, CUDA in GPU training): the recomputation must use the forward's precision,
+    although backward() is called outside the autocast region."""
+    torch.manual_seed(SEED)
+    model = ReformerLM(tiny_config()).train()
+    ids = torch.randint(3, 258, (1, 257))
+    dtypes = []
+    for block in model.layers:
+        block.ff.fc_in.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    results = {}
+    for reversible in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = language_model_loss(model, ids, reversible=reversible)
+        results[reversible] = gradients(model, lambda: loss)
+    # ordinary forward, reversible forward, recomputation; 4 feed-forward row chunks each
+    assert dtypes == [torch.bfloat16] * (3 * len(model.layers) * 4)
+    for name, expected in results[False].items():
+        scale = float(expected.abs().max()) or 1.0
+        assert float((results[True][name] - expected).abs().max()) <= 0.05 * scale, name
