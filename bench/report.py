@@ -197,7 +197,8 @@ def eval_section(result: dict) -> list[str]:
 
 def train_memory_section(result: dict) -> list[str]:
     lines = [f"### {result['device']} — {result['date'][:10]}", "",
-             f"`{result['preset']}` training preset; {result['measure']}.", "",
+             f"`{result['preset']}` training preset, and the same with its layer pattern repeated to more layers; "
+             f"{result['measure']}.", "",
              "| layers | tokens | reversible | ordinary residual | reversible ÷ ordinary |", "|---:|---:|---:|---:|---:|"]
 
     def shown(entry: dict) -> str:
