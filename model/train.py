@@ -164,24 +164,30 @@ def save_checkpoint(directory: Path, model: ReformerLM, optimizer: torch.optim.O
             tensors[f"{index}.{key}"] = value.detach().cpu().reshape(-1) if value.ndim == 0 else value.detach().cpu()
             layout[f"{index}.{key}"] = list(value.shape)
     save_file(tensors, str(directory / "optimizer.safetensors"))
-    progress = dict(progress, optimizer_layout=layout,
-                    data_rng=windows.generator.get_state().tolist(), torch_rng=torch.get_rng_state().tolist())
+    cuda_rng = torch.cuda.get_rng_state().tolist() if torch.cuda.is_available() else None
+    progress = dict(progress, optimizer_layout=layout, data_rng=windows.generator.get_state().tolist(),
+                    torch_rng=torch.get_rng_state().tolist(), cuda_rng=cuda_rng)
     (directory / "progress.json").write_text(json.dumps(progress) + "\n")
 
 
-def load_checkpoint(directory: Path, optimizer: torch.optim.Optimizer, windows: Windows,
-                    device: torch.device) -> tuple[ReformerLM, dict]:
+def load_checkpoint(directory: Path, settings: TrainSettings, windows: Windows,
+                    device: torch.device) -> tuple[ReformerLM, torch.optim.Optimizer, dict]:
+    """The model, optimizer and progress saved by `save_checkpoint`; random generators are restored too."""
     model = load_model(directory).to(device).train()
     progress = json.loads((directory / "progress.json").read_text())
     tensors = load_file(str(directory / "optimizer.safetensors"))
+    optimizer = make_optimizer(model, settings)
     state = optimizer.state_dict()
-    state["state"] = {}
-    for name, shape in progress["optimizer_layout"].items():
+    for name, shape in progress.pop("optimizer_layout").items():
         index, key = name.split(".", 1)
-        state["state"].setdefault(int(index), {})[key] = tensors[name].reshape(shape).to(device)
-    windows.generator.set_state(torch.tensor(progress["data_rng"], dtype=torch.uint8))
-    torch.set_rng_state(torch.tensor(progress["torch_rng"], dtype=torch.uint8))
-    return model, dict(progress, optimizer_state=state)
+        state["state"].setdefault(int(index), {})[key] = tensors[name].reshape(shape)  # load_state_dict places them
+    optimizer.load_state_dict(state)
+    windows.generator.set_state(torch.tensor(progress.pop("data_rng"), dtype=torch.uint8))
+    torch.set_rng_state(torch.tensor(progress.pop("torch_rng"), dtype=torch.uint8))
+    if progress.get("cuda_rng") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(torch.tensor(progress["cuda_rng"], dtype=torch.uint8), device)
+    progress.pop("cuda_rng", None)
+    return model, optimizer, progress
 
 
 # ---- the loop ----------------------------------------------------------------------------------------
@@ -200,9 +206,7 @@ def train(config: ReformerConfig, settings: TrainSettings, out: Path, *, device:
     optimizer = make_optimizer(model, settings)
     progress = {"step": 0, "tokens": 0, "seconds": 0.0, "history": []}
     if resume and (checkpoint / "progress.json").exists():
-        model, progress = load_checkpoint(checkpoint, optimizer, train_windows, device)
-        optimizer = make_optimizer(model, settings)
-        optimizer.load_state_dict(progress.pop("optimizer_state"))
+        model, optimizer, progress = load_checkpoint(checkpoint, settings, train_windows, device)
         print(f"resumed at step {progress['step']}")
 
     started = time.perf_counter() - progress["seconds"]
