@@ -19,6 +19,11 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}×" if b else "n/a"
 
 
+def _heading(result: dict) -> list[str]:
+    """A result's sub-heading: where and when it was measured."""
+    return [f"### {result['device']} — {result['date'][:10]}", ""]
+
+
 def _verdict(ok: bool) -> str:
     return "reached" if ok else "**missed**"
 
@@ -26,8 +31,7 @@ def _verdict(ok: bool) -> str:
 def core_section(result: dict) -> list[str]:
     device_type = result["device_type"]
     lines = [
-        f"### {result['device']} — {result['date'][:10]}",
-        "",
+        *_heading(result),
         f"{result['dtype']}, torch {result['torch']}, transformers {result.get('transformers', '?')} (the reference). "
         f"Model: {len(result['model']['attn_layers'])} layers {result['model']['attn_layers']}, "
         f"d={result['model']['hidden_size']}, {result['model']['num_attention_heads']} heads, "
@@ -99,8 +103,7 @@ def core_section(result: dict) -> list[str]:
 
 def server_section(result: dict) -> list[str]:
     lines = [
-        f"### {result['device']} — {result['date'][:10]}",
-        "",
+        *_heading(result),
         f"torch {result['torch']}; the core benchmark's model (random weights); prompts of "
         f"{result['prompt_tokens']} tokens, {result['tokens_per_stream']} tokens generated per stream, greedy.",
         "",
@@ -152,7 +155,7 @@ def loadtest_section(result: dict) -> list[str]:
 
 
 def export_section(result: dict) -> list[str]:
-    lines = [f"### {result['device']} — {result['date'][:10]}", "",
+    lines = [*_heading(result),
              f"onnxruntime provider `{result['provider']}`, torch {result['torch']}; export of the three graphs took "
              f"{result['export_seconds']:.0f} s.", "",
              "| embedding of | PyTorch eager | onnxruntime | onnxruntime ÷ PyTorch |", "|---:|---:|---:|---:|"]
@@ -176,7 +179,7 @@ def checks_section(result: dict) -> list[str]:
 
 def eval_section(result: dict) -> list[str]:
     xz = result["compressors_bpb"]["xz -9e"]
-    lines = [f"### {result['device']} — {result['date'][:10]}", "",
+    lines = [*_heading(result),
              f"{result['parameters'] / 1e6:.1f}M parameters, context {result['model']['max_position_embeddings']:,}; "
              f"test split of Python {result['python']}'s standard library: {result['test_split']['files']} files, "
              f"{result['test_split']['bytes']:,} bytes.", "",
@@ -196,7 +199,7 @@ def eval_section(result: dict) -> list[str]:
 
 
 def train_memory_section(result: dict) -> list[str]:
-    lines = [f"### {result['device']} — {result['date'][:10]}", "",
+    lines = [*_heading(result),
              f"`{result['preset']}` training preset, and the same with its layer pattern repeated to more layers; "
              f"{result['measure']}.", "",
              "| layers | tokens | reversible | ordinary residual | reversible ÷ ordinary |", "|---:|---:|---:|---:|---:|"]
