@@ -82,10 +82,18 @@ class FeedForward(nn.Module):
         h = F.dropout(self.fc_in(self.norm(x)), self.dropout, self.training)
         return F.dropout(self.fc_out(self.act(h)), self.dropout, self.training)
 
+    def row_chunks(self, length: int) -> list[slice]:
+        """The row ranges `forward` computes one at a time (reversible training recomputes the same ones,
+        so that dropout draws replay in the same order)."""
+        if torch.compiler.is_exporting() or length <= self.chunk:
+            return [slice(0, length)]
+        return [slice(start, min(start + self.chunk, length)) for start in range(0, length, self.chunk)]
+
     def forward(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_exporting() or x.shape[1] <= self.chunk:
+        chunks = self.row_chunks(x.shape[1])
+        if len(chunks) == 1:
             return self._rows(x)
-        return torch.cat([self._rows(part) for part in x.split(self.chunk, dim=1)], dim=1)
+        return torch.cat([self._rows(x[:, rows]) for rows in chunks], dim=1)
 
 
 class ReformerBlock(nn.Module):

@@ -48,14 +48,6 @@ class _BlockRecord:
     buckets: Tensor | None  # the LSH layer's raw buckets from the forward pass
 
 
-def _row_parts(block: nn.Module, x: Tensor) -> list[slice]:
-    """The row chunks FeedForward.forward uses for x, so that recomputation consumes dropout alike."""
-    chunk = block.ff.chunk
-    if x.shape[1] <= chunk:
-        return [slice(0, x.shape[1])]
-    return [slice(start, min(start + chunk, x.shape[1])) for start in range(0, x.shape[1], chunk)]
-
-
 class _ReversibleStack(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, blocks: nn.ModuleList, mask: Tensor | None, autocast: tuple):
@@ -98,7 +90,7 @@ def _undo_feed_forward(block, record: _BlockRecord, y1: Tensor, y2: Tensor, grad
     x2 = torch.empty_like(y2)
     grad_y1 = torch.empty_like(y1)
     with _replay(record.feed_forward_rng, y1.device):
-        for rows in _row_parts(block, y1):
+        for rows in block.ff.row_chunks(y1.shape[1]):
             with torch.enable_grad():
                 part = y1[:, rows].detach().requires_grad_()
                 out = block.ff._rows(part)
