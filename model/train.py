@@ -33,6 +33,7 @@ from .checkpoint import load_model, save_model
 from .config import ReformerConfig
 from .reformer import ReformerLM
 from .reversible import reversible_stack
+from .tokenizer import ByteTokenizer
 
 LN2 = math.log(2)
 
@@ -46,19 +47,13 @@ def model_config(context: int, hidden: int, layers: tuple[str, ...], heads: int,
     num_buckets = buckets if buckets <= 128 else (16, buckets // 16)
     axial_dims = (hidden // 4, hidden - hidden // 4)
     config = ReformerConfig(
-        vocab_size=corpus_vocab(), hidden_size=hidden, num_attention_heads=heads,
+        vocab_size=ByteTokenizer.vocab_size, hidden_size=hidden, num_attention_heads=heads,
         attention_head_size=hidden // heads, attn_layers=layers, feed_forward_size=ff, hidden_act="gelu",
         axial_pos_shape=(rows, columns), axial_pos_embds_dim=axial_dims, max_position_embeddings=context,
         lsh_attn_chunk_length=chunk, local_attn_chunk_length=chunk, num_buckets=num_buckets, num_hashes=1,
         lsh_num_chunks_before=1, local_num_chunks_before=1, pad_token_id=0, eos_token_id=2,
         lm_head_bias=True, axial_norm_std=0.02, chunk_size_feed_forward=4096)
     return dataclasses.replace(config, **changes)
-
-
-def corpus_vocab() -> int:
-    from .tokenizer import ByteTokenizer
-
-    return ByteTokenizer.vocab_size
 
 
 @dataclass
@@ -184,9 +179,9 @@ def load_checkpoint(directory: Path, settings: TrainSettings, windows: Windows,
     optimizer.load_state_dict(state)
     windows.generator.set_state(torch.tensor(progress.pop("data_rng"), dtype=torch.uint8))
     torch.set_rng_state(torch.tensor(progress.pop("torch_rng"), dtype=torch.uint8))
-    if progress.get("cuda_rng") is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(torch.tensor(progress["cuda_rng"], dtype=torch.uint8), device)
-    progress.pop("cuda_rng", None)
+    cuda_rng = progress.pop("cuda_rng", None)
+    if cuda_rng is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(torch.tensor(cuda_rng, dtype=torch.uint8), device)
     return model, optimizer, progress
 
 
@@ -202,12 +197,13 @@ def train(config: ReformerConfig, settings: TrainSettings, out: Path, *, device:
     autocast = device.type == "cuda"
     checkpoint = out / "checkpoint"
 
-    model = ReformerLM(config).to(device).train()
-    optimizer = make_optimizer(model, settings)
-    progress = {"step": 0, "tokens": 0, "seconds": 0.0, "history": []}
     if resume and (checkpoint / "progress.json").exists():
         model, optimizer, progress = load_checkpoint(checkpoint, settings, train_windows, device)
         print(f"resumed at step {progress['step']}")
+    else:
+        model = ReformerLM(config).to(device).train()
+        optimizer = make_optimizer(model, settings)
+        progress = {"step": 0, "tokens": 0, "seconds": 0.0, "history": []}
 
     started = time.perf_counter() - progress["seconds"]
     bar = tqdm(range(progress["step"], settings.steps), initial=progress["step"], total=settings.steps,
@@ -216,8 +212,9 @@ def train(config: ReformerConfig, settings: TrainSettings, out: Path, *, device:
     for step in bar:
         if until is not None and step >= until:
             break
+        rate = learning_rate(step, settings)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, settings)
+            group["lr"] = rate
         batch = train_windows.sample(settings.batch).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = language_model_loss(model, batch, reversible=reversible)
@@ -230,11 +227,12 @@ def train(config: ReformerConfig, settings: TrainSettings, out: Path, *, device:
         progress["tokens"] += tokens
         window_tokens += tokens
         done = step + 1
+        train_bpb = loss.item() / LN2  # one host synchronisation per step
         if done % log_every == 0 or done == settings.steps:
-            rate = window_tokens / (time.perf_counter() - window_start)
-            bar.set_postfix(loss=f"{loss.item() / LN2:.3f} bpb", tok_s=f"{rate:,.0f}", grad=f"{norm.item():.2f}")
+            speed = window_tokens / (time.perf_counter() - window_start)
+            bar.set_postfix(loss=f"{train_bpb:.3f} bpb", tok_s=f"{speed:,.0f}", grad=f"{norm.item():.2f}")
             window_tokens, window_start = 0, time.perf_counter()
-        record = {"step": done, "train_bpb": round(loss.item() / LN2, 4), "lr": learning_rate(step, settings)}
+        record = {"step": done, "train_bpb": round(train_bpb, 4), "lr": rate}
         if done % settings.eval_every == 0 or done == settings.steps:
             record["validation_bpb"] = round(evaluate(model, validation_windows, device, autocast), 4)
             bar.write(f"step {done}: validation {record['validation_bpb']:.4f} bits/byte")

@@ -17,7 +17,7 @@ from model import corpus, load_model
 from model.attention import LSHSelfAttention
 from model.reformer import ReformerLM
 from model.reversible import reversible_stack
-from model.train import PRESETS, TrainSettings, Windows, evaluate, language_model_loss, model_config, train
+from model.train import PRESETS, TrainSettings, Windows, evaluate, export, language_model_loss, model_config, train
 from tests.seed import SEED
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,8 +117,6 @@ def test_resume_continues_exactly_and_exports_fp16(tmp_path):
     resumed = train(config, settings, tmp_path / "paused", device=torch.device("cpu"), resume=True)
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
-
-    from model.train import export
 
     export(resumed, tmp_path / "served", tmp_path / "paused", torch.device("cpu"), "tiny")
     served = load_model(tmp_path / "served")
