@@ -78,21 +78,25 @@ def compressor_bits(data: bytes) -> dict[str, float]:
     return {name: 8 * size / len(data) for name, size in sizes.items()}
 
 
+def _range_bits(files: list[np.ndarray], low: int, high: int | None) -> tuple[int, float]:
+    """(bytes, mean bits per byte) of positions low..high over the files that reach them."""
+    parts = [bits[low:high] for bits in files]
+    count = sum(len(part) for part in parts)
+    return count, sum(float(part.sum()) for part in parts) / count if count else float("nan")
+
+
 def position_profile(per_file: list[np.ndarray]) -> tuple[dict[str, float], list[dict]]:
     """Bits per byte by position bucket and by finer (power-of-two) position bins, over long files."""
     long_files = [bits for bits in per_file if len(bits) > LONG_FILE]
     buckets = {}
     for low, high in POSITION_BUCKETS:
-        parts = [bits[low:high] for bits in long_files]
-        count = sum(len(p) for p in parts)
         label = f"{low // 1024}K-{high // 1024}K" if high else f"{low // 1024}K+"
-        buckets[label] = sum(float(p.sum()) for p in parts) / count if count else float("nan")
+        buckets[label] = _range_bits(long_files, low, high)[1]
     bins, low = [], 0
     while any(len(bits) > low for bits in long_files):
         high = max(64, 2 * low)
-        parts = [bits[low:high] for bits in long_files if len(bits) > low]
-        count = sum(len(p) for p in parts)
-        bins.append({"from": low, "to": high, "bytes": count, "bpb": sum(float(p.sum()) for p in parts) / count})
+        count, bpb = _range_bits(long_files, low, high)
+        bins.append({"from": low, "to": high, "bytes": count, "bpb": bpb})
         low = high
     return buckets, bins
 
@@ -107,7 +111,7 @@ def continuations(model: ReformerLM) -> list[dict]:
              tokenizer.decode(s.token_ids)} for p, g, s in zip(PROMPTS, greedy, sampled)]
 
 
-def plot(bins: list[dict], buckets: dict[str, float], baselines: dict[str, float], path: Path) -> None:
+def plot(bins: list[dict], baselines: dict[str, float], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -245,14 +249,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     result = evaluate(args.model, args.limit_files)
-    result["model_train_bytes"] = corpus.describe(corpus.source_files("train"))["bytes"]
-    training = json.loads((args.model / "training.json").read_text())
     print(json.dumps({k: v for k, v in result.items() if k not in ("position_bins", "samples", "model")}, indent=2))
     if args.limit_files:
         return
+    # What the card needs beyond the evaluation: the training record, and the train split's size.
+    training = json.loads((args.model / "training.json").read_text())
+    result["model_train_bytes"] = corpus.describe(corpus.source_files("train"))["bytes"]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(result["position_bins"], result["position_buckets_bpb"],
-         {k: v for k, v in result["compressors_bpb"].items() if k == "xz -9e"}, RESULTS / "eval-default.png")
+    plot(result["position_bins"], {"xz -9e": result["compressors_bpb"]["xz -9e"]}, RESULTS / "eval-default.png")
     result["plot"] = "eval-default.png"
     (RESULTS / "eval-default.json").write_text(json.dumps(result, indent=2) + "\n")
     size = (args.model / "model.safetensors").stat().st_size
