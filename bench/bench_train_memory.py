@@ -4,8 +4,8 @@
 
 The same model, the same tokens, one forward + backward each, every measurement in a fresh process:
 - GPU: the GPU training preset (6 layers, d=512) at 16K and 64K tokens, bf16 autocast; peak allocated
-  memory above the weights (torch.cuda.max_memory_allocated). An ordinary run that does not fit is reported
-  as such.
+  memory above the weights and their gradients (torch.cuda.max_memory_allocated). An ordinary run that
+  does not fit is reported as such.
 - CPU: the CPU training preset (4 layers, d=256) and a 12-layer version of it at 4K and 16K tokens; peak
   resident memory (ru_maxrss) above the process's resident memory before the step.
 Writes bench/results/train-memory-<device>.json for `python -m bench.report`.
@@ -45,7 +45,7 @@ def _rss_bytes() -> int:
 
 
 def one_step(device_type: str, preset: str, length: int, layers: int, reversible: bool) -> dict:
-    """Run in a fresh process: the peak memory of one forward + backward, beyond the model's own."""
+    """Run in a fresh process: the peak memory of one forward + backward, beyond the model and its gradients."""
     device = torch.device(device_type)
     config = PRESETS[preset][0]()
     kinds = tuple(config.attn_layers[i % len(config.attn_layers)] for i in range(layers))
@@ -53,24 +53,29 @@ def one_step(device_type: str, preset: str, length: int, layers: int, reversible
     torch.manual_seed(0)
     model = ReformerLM(config).to(device).train()
     ids = torch.randint(3, 200, (1, length + 1), device=device)
-    if device.type == "cuda":
+    gpu = device.type == "cuda"
+
+    def training_step(tokens: torch.Tensor) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
+            loss = language_model_loss(model, tokens, reversible=reversible)
+        loss.backward()
+
+    # A short step first, so that one-time allocations (libraries, cuBLAS workspaces, gradient buffers)
+    # are not counted as the step's.
+    training_step(ids[:, : 4 * config.lsh_attn_chunk_length + 1])
+    model.zero_grad(set_to_none=False)
+    if gpu:
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         try:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = language_model_loss(model, ids, reversible=reversible)
-            loss.backward()
+            training_step(ids)
             torch.cuda.synchronize()
         except torch.OutOfMemoryError:
             return {"fits": False}
         return {"fits": True, "peak_bytes": torch.cuda.max_memory_allocated() - before}
-    # A short step first, so that libraries' one-time allocations are not counted as the step's.
-    language_model_loss(model, ids[:, : 4 * config.lsh_attn_chunk_length + 1], reversible=reversible).backward()
-    model.zero_grad(set_to_none=False)
     before = _rss_bytes()
-    loss = language_model_loss(model, ids, reversible=reversible)
-    loss.backward()
+    training_step(ids)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"fits": True, "peak_bytes": peak - before}
 
@@ -112,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "preset": plan["preset"],
-        "measure": "peak allocated GPU memory above the weights, bf16 autocast" if gpu
+        "measure": "peak allocated GPU memory above the weights and their gradients, bf16 autocast" if gpu
         else "peak resident memory above the process's before the step, fp32",
         "rows": rows,
     }
