@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_core import BENCH_MODEL, prompt  # noqa: E402
 from model import ByteTokenizer, ReformerConfig, ReformerLM, SamplingParams, load_model, save_model  # noqa: E402
-from server.engine import Engine  # noqa: E402
+from model.engine import Engine  # noqa: E402
+from model.messages import GenerateRequest, Token  # noqa: E402
 from server.launcher import ServerProcess  # noqa: E402
 
 STREAMS = (1, 8, 32)
@@ -51,11 +52,10 @@ def engine_rate(engine: Engine, streams: int, tokens: int) -> dict:
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     start = time.perf_counter()
     for i in range(streams):
-        engine.submit({"kind": "generate", "uid": str(i), "route": 0, "prompt_ids": prompt(PROMPT_TOKENS, seed=i),
-                       "params": params})
+        engine.submit(GenerateRequest(str(i), tuple(prompt(PROMPT_TOKENS, seed=i)), params))
     generated = 0
     while engine.has_work():
-        generated += sum(event["type"] == "token" for _, event in engine.iteration())
+        generated += sum(isinstance(output, Token) for _, output in engine.iteration())
     seconds = time.perf_counter() - start
     return {"tokens": generated, "seconds": seconds, "tokens_per_second": generated / seconds}
 

@@ -1,18 +1,18 @@
-"""Offline generation over the slot decoder: prefill, batched decode steps, stopping rules.
+"""Offline generation: submit every prompt to an engine, run it until it is idle, collect the outputs.
 
-This is the whole generation contract in one place (the server's engine schedules the same pieces with
-deadlines, cancellation and streaming on top).
+The engine (`model.engine`) is the one the server runs; this wrapper adds nothing to its rules.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .decode import Decoder
+from .engine import Engine
+from .messages import Failed, Finished, GenerateRequest, Token
 from .reformer import ReformerLM
-from .sampling import Sampler, SamplingParams, TokenChoice, choose_batch
+from .sampling import SamplingParams, TokenChoice
 
 
 @dataclass
@@ -23,60 +23,29 @@ class GenerationOutput:
     finish_reason: str | None = None  # "stop" or "length"
 
 
-def finish_reason(params: SamplingParams, eos_token_id: int | None, token: int, generated: int) -> str | None:
-    """Why a sequence ends after emitting `token` as its `generated`-th token, or None to go on."""
-    if token in params.stop_token_ids or (token == eos_token_id and not params.ignore_eos):
-        return "stop"
-    if generated >= params.max_tokens:
-        return "length"
-    return None
-
-
 def generate(model: ReformerLM, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
              *, num_slots: int = 8, decoder: Decoder | None = None) -> list[GenerationOutput]:
-    """Generate for every prompt; at most `num_slots` sequences decode together, the rest wait for a slot."""
+    """Generate for every prompt; at most `num_slots` sequences decode together, the rest wait for a slot.
+
+    Raises ValueError (before anything runs) for a prompt that does not fit or an invalid parameter."""
     if isinstance(params, SamplingParams):
         params = [params] * len(prompts)
     decoder = decoder or Decoder(model, num_slots)
-    eos = model.config.eos_token_id
-    for prompt, p in zip(prompts, params):
+    for prompt, p in zip(prompts, params, strict=True):
         p.validate(model.config.vocab_size)
         decoder.check_fits(len(prompt), p.max_tokens)
-    outputs = [GenerationOutput(list(prompt)) for prompt in prompts]
-    samplers = [Sampler(p) for p in params]
-    waiting = deque(i for i in range(len(prompts)) if params[i].max_tokens > 0)
-    for i in range(len(prompts)):
-        if params[i].max_tokens == 0:
-            outputs[i].finish_reason = "length"
-    running: dict[int, int] = {}  # slot -> request index
-    next_token: dict[int, int] = {}  # slot -> token to feed at the next step
-    while waiting or running:
-        admitted = []
-        while waiting and decoder.free_slots:
-            admitted.append((decoder.allocate(), waiting.popleft()))
-        if admitted:
-            result = decoder.prefill([(slot, prompts[i]) for slot, i in admitted])
-            _accept(decoder, outputs, samplers, params, eos, running, next_token,
-                    [slot for slot, _ in admitted], [i for _, i in admitted], result.last_logits)
-        if running:
-            slots = list(running)
-            logits = decoder.step(slots, [next_token[s] for s in slots])
-            _accept(decoder, outputs, samplers, params, eos, running, next_token, slots,
-                    [running[s] for s in slots], logits)
-    return outputs
-
-
-def _accept(decoder, outputs, samplers, params, eos, running, next_token, slots, requests, logits) -> None:
-    choices = choose_batch(logits, [samplers[i] for i in requests])
-    for slot, i, choice in zip(slots, requests, choices):
-        out = outputs[i]
-        out.token_ids.append(choice.token)
-        out.choices.append(choice)
-        out.finish_reason = finish_reason(params[i], eos, choice.token, len(out.token_ids))
-        if out.finish_reason is None:
-            running[slot] = i
-            next_token[slot] = choice.token
-        else:
-            running.pop(slot, None)
-            next_token.pop(slot, None)
-            decoder.free(slot)
+    engine = Engine(model, decoder=decoder, prefill_batch_tokens=decoder.prefill_batch_tokens)
+    outputs = {str(i): GenerationOutput(list(prompt)) for i, prompt in enumerate(prompts)}
+    for uid, p in zip(outputs, params):
+        engine.submit(GenerateRequest(uid, tuple(outputs[uid].prompt_ids), p))
+    while engine.has_work():
+        for _, event in engine.iteration():
+            out = outputs[event.uid]
+            if isinstance(event, Token):
+                out.token_ids.append(event.token)
+                out.choices.append(TokenChoice(event.token, event.logprob, event.top_logprobs))
+            elif isinstance(event, Finished):
+                out.finish_reason = event.reason.value
+            elif isinstance(event, Failed):
+                raise RuntimeError(f"generation {event.uid} failed: {event.message}")
+    return list(outputs.values())

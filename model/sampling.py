@@ -13,33 +13,63 @@ import torch
 from torch import Tensor
 
 
+# Value ranges, named once: the server's request schemas declare the same ones.
+MAX_TEMPERATURE = 2.0
+MIN_TEMPERATURE = 1e-5  # below it, sampling is greedy: logits / 1e-300 overflow to inf (vLLM's floor too)
+MAX_LOGPROBS = 20
+MAX_SEED = 2**63 - 1
+
+
+class InvalidParameter(ValueError):
+    """A sampling parameter out of its range; `param` names it."""
+
+    def __init__(self, param: str, expected: str, value: object):
+        super().__init__(f"'{param}' must be {expected}, got {value!r}")
+        self.param = param
+
+
 @dataclass(frozen=True)
 class SamplingParams:
+    """How to choose tokens; checked when made, so a value that exists is a value the sampler can use."""
+
     max_tokens: int = 16
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (or below MIN_TEMPERATURE) means greedy
     top_k: int = 0  # 0 means no limit
     top_p: float = 1.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    logprobs: int | None = None  # how many most likely alternatives to report with each token (0..20)
+    logprobs: int | None = None  # how many most likely alternatives to report with each token
 
-    def validate(self, vocab_size: int) -> None:
-        """Raise ValueError naming the first invalid parameter."""
+    def __post_init__(self):
         checks = (
-            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 0, "an integer >= 0"),
-            ("temperature", _number(self.temperature) and 0.0 <= self.temperature <= 100.0, "a number in [0, 100]"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0 (0 disables it)"),
+            ("max_tokens", _integer(self.max_tokens) and self.max_tokens >= 0, "an integer >= 0"),
+            ("temperature", _number(self.temperature) and 0.0 <= self.temperature <= MAX_TEMPERATURE,
+             f"a number in [0, {MAX_TEMPERATURE:g}]"),
+            ("top_k", _integer(self.top_k) and self.top_k >= 0, "an integer >= 0 (0 disables it)"),
             ("top_p", _number(self.top_p) and 0.0 < self.top_p <= 1.0, "a number in (0, 1]"),
-            ("seed", self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63), "an integer in [0, 2**63)"),
-            ("stop_token_ids", all(isinstance(t, int) and 0 <= t < vocab_size for t in self.stop_token_ids),
-             f"token ids in [0, {vocab_size})"),
-            ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
-             "an integer in [0, 20]"),
+            ("seed", self.seed is None or (_integer(self.seed) and 0 <= self.seed <= MAX_SEED),
+             "an integer in [0, 2**63)"),
+            ("stop_token_ids", all(_integer(t) and t >= 0 for t in self.stop_token_ids), "token ids"),
+            ("logprobs", self.logprobs is None or (_integer(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+             f"an integer in [0, {MAX_LOGPROBS}]"),
         )
         for name, ok, expected in checks:
             if not ok:
-                raise ValueError(f"'{name}' must be {expected}, got {getattr(self, name)!r}")
+                raise InvalidParameter(name, expected, getattr(self, name))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < MIN_TEMPERATURE
+
+    def validate(self, vocab_size: int) -> None:
+        """What depends on the model: token ids inside its vocabulary."""
+        if any(t >= vocab_size for t in self.stop_token_ids):
+            raise InvalidParameter("stop_token_ids", f"token ids in [0, {vocab_size})", self.stop_token_ids)
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _number(value: object) -> bool:
@@ -65,7 +95,7 @@ class Sampler:
         """logits: (vocab,) fp32 on the CPU."""
         params = self.params
         logprobs = torch.log_softmax(logits, dim=-1)
-        if params.temperature == 0.0:
+        if params.greedy:
             token = int(torch.argmax(logits))
         else:
             scores = logits / params.temperature
@@ -91,9 +121,3 @@ def _top_p(scores: Tensor, top_p: float) -> Tensor:
     drop = before >= top_p
     drop[0] = False
     return scores.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-
-
-def choose_batch(logits: Tensor, samplers: list[Sampler]) -> list[TokenChoice]:
-    """One device-to-host copy for the batch, then each row with its own sampler."""
-    rows = logits.detach().float().cpu()
-    return [sampler.choose(row) for sampler, row in zip(samplers, rows)]

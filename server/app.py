@@ -1,28 +1,27 @@
 """Assemble and run the server: LitServe (one engine worker per device) on uvicorn, with a graceful drain.
 
-SIGTERM (and SIGINT) to the main process: the HTTP processes stop admitting (503, /ready fails), requests
-in flight finish within --drain-timeout, then LitServe's own shutdown stops uvicorn and the worker. Without
-this, SIGTERM to LitServe's main process leaves its children running and bound to the port.
+SIGTERM or SIGINT, to the main process or to its whole process group: new requests get 503 and /ready
+fails, requests in flight finish within --drain-timeout, what is left then gets an error event, and the
+processes exit 0 a few seconds later (`server.lifecycle`). A dead engine worker is restarted; one that keeps
+dying ends the server with exit code 1.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
-import os
-import signal
-import threading
+import sys
 import time
+from contextlib import asynccontextmanager
 
-from . import metrics
+from . import lifecycle, metrics
 from .settings import ServerSettings
 
 log = logging.getLogger("server")
 
 
 def build_server(settings: ServerSettings):
-    """The LitServer and the shared drain state (an Event and an in-flight counter inherited by children)."""
-    metrics.prepare_directory(settings.extra.get("metrics_dir"))  # before prometheus_client is imported
+    """The LitServer and the state its processes share."""
+    metrics.prepare_directory()  # before prometheus_client is imported
     import litserve as ls
 
     from .spec import ModelInfo, OpenAISpec
@@ -32,45 +31,41 @@ def build_server(settings: ServerSettings):
     device = settings.resolved_device()
     info = ModelInfo(name=settings.model_name, max_context=settings.max_context(config), vocab_size=config.vocab_size,
                      embedding_size=2 * config.hidden_size, created=int(time.time()))
-    draining, inflight = mp.Event(), mp.Value("i", 0)
-    spec = OpenAISpec(settings, info, draining, inflight)
-    api = ReformerAPI(settings, spec)
+    shared = lifecycle.SharedState()
+    spec = OpenAISpec(settings, info, shared)
+    api = ReformerAPI(settings, spec, shared)
     server = ls.LitServer(
-        api, accelerator=device, devices=1, workers_per_device=1, timeout=False,
+        api, accelerator=device, devices=1, workers_per_device=1, timeout=False, restart_workers=True,
         healthcheck_path="/litserve/health", info_path="/litserve/info",
         model_metadata={"model": info.name, "backend": settings.backend, "device": device,
                         "max_context": info.max_context})
-    return server, draining, inflight
+    server.uvicorn_graceful_timeout = lifecycle.UVICORN_GRACE  # LitServe's 30 s would outlast any drain budget
+    server.monitor_internal = 0.5  # how often LitServe looks for a dead worker to restart (its default: 2 s)
+    _take_signals_in_http_processes(server, shared)
+    return server, shared
+
+
+def _take_signals_in_http_processes(server, shared: lifecycle.SharedState) -> None:
+    """Each HTTP process runs the app's lifespan at startup, after uvicorn installed its signal handlers."""
+    litserve_lifespan = server.app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app):
+        lifecycle.http_signals(shared)
+        async with litserve_lifespan(app) as state:
+            yield state
+
+    server.app.router.lifespan_context = lifespan
 
 
 def run(settings: ServerSettings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server, draining, inflight = build_server(settings)
+    server, shared = build_server(settings)
     log.info("serving %s from %s on %s with the %s backend at http://%s:%d", settings.model_name,
              settings.model_path, settings.resolved_device(), settings.backend, settings.host, settings.port)
-
-    def drain(signum, frame):
-        if draining.is_set():
-            return
-        draining.set()
-        log.info("signal %d: draining %d request(s), up to %.0f s", signum, inflight.value, settings.drain_timeout)
-
-        def wait_then_stop():
-            deadline = time.monotonic() + settings.drain_timeout
-            while inflight.value > 0 and time.monotonic() < deadline:
-                time.sleep(0.1)
-            log.info("drained (%d left); stopping", inflight.value)
-            try:
-                server._shutdown_event.set()  # LitServe's own shutdown: uvicorn, the worker, its manager
-            except Exception:  # noqa: BLE001 - its manager process is gone (killed with the group)
-                log.warning("LitServe's manager is gone; ending the child processes directly")
-                for child in mp.active_children():
-                    child.terminate()
-                os._exit(0)
-
-        threading.Thread(target=wait_then_stop, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, drain)
-    signal.signal(signal.SIGINT, drain)
+    supervisor = lifecycle.Supervisor(server, shared, settings.drain_timeout)
+    supervisor.install()
     server.run(host=settings.host, port=settings.port, num_api_servers=settings.api_servers,
                generate_client_file=False, log_level=settings.log_level.lower(), timeout_keep_alive=30)
+    log.info("stopped")
+    sys.exit(supervisor.exit_code)

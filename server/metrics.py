@@ -47,6 +47,8 @@ class Metrics:
         self.prefill_rate = Gauge("reformer:prefill_tokens_per_second", "Throughput of the last prefill or "
                                   "embedding forward.", multiprocess_mode="livesum")
         self.prefill_tokens = Counter("reformer:prefill_tokens", "Tokens through prefill and embedding forwards.")
+        self.failed = Counter("reformer:requests_failed", "Admitted requests ended by an error (deadline, engine "
+                              "failure, shutdown), by error code.", ["code"])
         self.rejected = Counter("reformer:requests_rejected", "Requests refused before the engine, by status.",
                                 ["status"])
         self.info = Gauge("reformer:info", "What serves: backend, device, model.", ["backend", "device", "model"],

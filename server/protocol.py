@@ -9,11 +9,13 @@ import json
 from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
-Number = StrictInt | StrictFloat
+from model.sampling import MAX_LOGPROBS, MAX_SEED, MAX_TEMPERATURE, InvalidParameter, SamplingParams
+
+# A JSON number (an integer is accepted as a float); strings, booleans, NaN and infinities are refused.
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 MAX_STOP_STRINGS = 4
-MAX_LOGPROBS = 20
 
 
 class APIError(Exception):
@@ -22,6 +24,9 @@ class APIError(Exception):
     TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
              413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error",
              504: "timeout_error"}
+    # Statuses the openai SDK retries (it honours this header): a request that ran out of its own time
+    # would only run out again.
+    NOT_RETRIED = {504}
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None):
@@ -33,7 +38,15 @@ class APIError(Exception):
                           "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+        headers = dict(self.headers or {})
+        if self.status in self.NOT_RETRIED:
+            headers["x-should-retry"] = "false"
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+    @classmethod
+    def from_failure(cls, failed) -> APIError:
+        """An engine's `Failed` output as the error a client sees."""
+        return cls(failed.status, failed.message, code=failed.code.value)
 
 
 class _Strict(BaseModel):
@@ -47,17 +60,17 @@ class StreamOptions(_Strict):
 class CompletionRequest(_Strict):
     model: StrictStr | None = None
     prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
-    max_tokens: StrictInt | None = 16
-    temperature: Number = 1.0
-    top_p: Number = 1.0
-    top_k: StrictInt = 0  # extension (vLLM): 0 or -1 disables
-    seed: StrictInt | None = None
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = 16
+    temperature: Annotated[Number, Field(ge=0, le=MAX_TEMPERATURE)] = 1.0
+    top_p: Annotated[Number, Field(gt=0, le=1)] = 1.0
+    top_k: Annotated[StrictInt, Field(ge=-1)] = 0  # extension (vLLM): 0 or -1 disables
+    seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None = None
     stop: StrictStr | list[StrictStr] | None = None
-    stop_token_ids: list[StrictInt] | None = None  # extension (vLLM)
+    stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None  # extension (vLLM)
     ignore_eos: StrictBool = False  # extension (vLLM)
     n: StrictInt = 1
     best_of: StrictInt | None = None
-    logprobs: StrictInt | None = None
+    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: StrictBool = False
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -67,6 +80,22 @@ class CompletionRequest(_Strict):
     logit_bias: dict[str, Any] | None = None
     suffix: StrictStr | None = None
     user: StrictStr | None = None  # accepted: written to the access log
+
+    def stop_strings(self) -> list[str]:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
+            raise APIError(400, f"'stop' takes up to {MAX_STOP_STRINGS} non-empty strings.", param="stop",
+                           code="invalid_value")
+        return stop
+
+    def sampling_params(self, max_tokens: int) -> SamplingParams:
+        """The one conversion to sampling parameters (which check their own ranges)."""
+        try:
+            return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_k=max(0, self.top_k),
+                                  top_p=self.top_p, seed=self.seed, stop_token_ids=tuple(self.stop_token_ids or ()),
+                                  ignore_eos=self.ignore_eos, logprobs=self.logprobs)
+        except InvalidParameter as error:
+            raise APIError(400, str(error), param=error.param, code="invalid_value") from None
 
 
 class Chunking(_Strict):
@@ -116,7 +145,9 @@ def parse(schema: type[BaseModel], body: bytes) -> BaseModel:
         if first["type"] == "missing":
             raise APIError(400, f"Missing required parameter: '{param}'.", param=param,
                            code="missing_required_parameter") from None
-        raise APIError(400, f"Invalid value for '{top}': {first['msg']}", param=top, code="invalid_type") from None
+        code = "invalid_type" if first["type"].endswith("_type") or first["type"] == "union_tag_invalid" \
+            else "invalid_value"
+        raise APIError(400, f"Invalid value for '{top}': {first['msg']}", param=top, code=code) from None
 
 
 def unsupported(param: str, message: str) -> APIError:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from model.config import ReformerConfig
@@ -38,7 +38,6 @@ class ServerSettings:
     tail_capacity: int = 64
     api_servers: int = 1
     log_level: str = "info"
-    extra: dict = field(default_factory=dict)
 
     @property
     def model_path(self) -> Path:

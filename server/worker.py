@@ -1,9 +1,9 @@
 """The inference worker: a LitAPI that owns the engine, and the continuous-batching loop that drives it.
 
 LitServe spawns one worker per device; requests arrive on its request queue. Our loop moves them into the
-engine's inbox (`schedule_task`) and runs engine iterations on its main thread (`run`). The events of one
+engine's inbox (`schedule_task`) and runs engine iterations on its main thread (`run`). The outputs of one
 iteration go back as one message per HTTP process (not one per token), which keeps LitServe's
-inter-process queue out of the per-token cost.
+inter-process queue out of the per-token cost. The message layout is `server.engine_client`'s.
 """
 
 from __future__ import annotations
@@ -11,24 +11,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections import defaultdict
 
 import litserve as ls
 import torch
 from litserve.loops import ContinuousBatchingLoop
-from litserve.utils import LitAPIStatus, LoopResponseType
 
 from model.checkpoint import load_model
 from model.decode import Decoder
+from model.engine import Engine
+from model.messages import GenerateRequest
+from model.sampling import SamplingParams
 from model.tokenizer import load_tokenizer
 
-from .engine import Engine
+from .engine_client import is_shutdown_sentinel, message_of, outputs_by_route
+from .lifecycle import SharedState, worker_signals
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
-ENGINE_UID = "__engine__"  # the response-buffer key under which each HTTP process receives engine events
-_SENTINEL = (None, None, None, None)
 
 
 class EngineLoop(ContinuousBatchingLoop):
@@ -52,10 +52,12 @@ class EngineLoop(ContinuousBatchingLoop):
             item = await asyncio.to_thread(self.get_request, request_queue, True, 0.1)
             if item is None:
                 continue
-            if item == _SENTINEL:
+            if is_shutdown_sentinel(item):
                 return
-            route, uid, _, payload = item
-            lit_api.engine.submit({**payload, "uid": payload.get("uid", uid), "route": route})
+            try:
+                lit_api.engine.submit(message_of(item))
+            except TypeError:
+                log.error("not an engine message: %r", item)
             wake.set()
 
     async def run(self, lit_api, device, worker_id, request_queue, transport, workers_setup_status, callback_runner):
@@ -71,12 +73,7 @@ class EngineLoop(ContinuousBatchingLoop):
         # On the worker's main thread, blocking the event loop for one iteration (the request intake waits at
         # most that long): torch's CPU kernels ran at half speed from any other thread (measured: 8.7 ms vs
         # 15.9 ms per decode step on 2 cores; OpenMP's parallel regions only paid off on the main thread).
-        events = engine.iteration()
-        by_route: dict[int, list] = defaultdict(list)
-        for route, event in events:
-            by_route[route].append(event)
-        for route, batch in by_route.items():
-            message = (ENGINE_UID, (batch, LitAPIStatus.OK, LoopResponseType.STREAMING, worker_id))
+        for route, message in outputs_by_route(engine.iteration(), worker_id):
             transport.send(message, consumer_id=route)
         await asyncio.sleep(0)  # let the request intake run between iterations
 
@@ -84,14 +81,17 @@ class EngineLoop(ContinuousBatchingLoop):
 class ReformerAPI(ls.LitAPI):
     """Loads the model on the worker's device and serves it through one engine (one copy of the weights)."""
 
-    def __init__(self, settings: ServerSettings, spec):
+    def __init__(self, settings: ServerSettings, spec, shared: SharedState):
         super().__init__(stream=True, spec=spec, loop=EngineLoop(), max_batch_size=settings.max_running)
         self.settings = settings
+        self.shared = shared
         self.engine: Engine | None = None
 
     def setup(self, device: str) -> None:
         from .metrics import Metrics
 
+        self.shared.start_heartbeat()
+        worker_signals(self.shared)
         settings = self.settings
         if device == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 2)))
@@ -159,11 +159,8 @@ class ReformerAPI(ls.LitAPI):
 
     def _warm_up(self) -> None:
         """One prefill and a few steps before reporting ready (first CUDA kernels, graph capture)."""
-        from model.sampling import SamplingParams
-
         engine = self.engine
-        engine.submit({"kind": "generate", "uid": "warm-up", "route": -1, "prompt_ids": [3, 4, 5],
-                       "params": SamplingParams(max_tokens=4, temperature=0.0)})
+        engine.submit(GenerateRequest("warm-up", (3, 4, 5), SamplingParams(max_tokens=4, temperature=0.0), route=-1))
         while engine.has_work():
             engine.iteration()
 

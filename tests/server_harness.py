@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -22,6 +23,30 @@ def tiny_checkpoint(directory: Path, context: int = 512) -> Path:
     torch.manual_seed(1234)
     save_model(ReformerLM(config).eval(), directory)
     return directory
+
+
+def server_processes(server: ServerProcess) -> dict[int, str]:
+    """pid -> command line of every live process in the server's process group."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry)) != server.process.pid:
+                continue
+            state = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[0]
+            command = open(f"/proc/{entry}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+        except (OSError, ProcessLookupError):
+            continue
+        if state != "Z":
+            found[int(entry)] = command
+    return found
+
+
+def engine_pid(server: ServerProcess) -> int | None:
+    """The engine worker: the process LitServe spawned (the resource tracker is spawned too, but differently)."""
+    workers = [pid for pid, command in server_processes(server).items() if "spawn_main" in command]
+    return workers[0] if len(workers) == 1 else None
 
 
 class RunningServer(ServerProcess):

@@ -1,4 +1,5 @@
-"""The engine without HTTP: detokenization, stop strings, cancellation and deadlines, slot accounting."""
+"""The engine without HTTP: detokenization, stop strings, cancellation and deadlines, slot accounting, and
+faults that stay with the request that caused them."""
 
 import time
 
@@ -6,10 +7,16 @@ import pytest
 import torch
 
 from model import ByteTokenizer, SamplingParams, generate, load_model
-from server.engine import Engine, TextStream
+from model.detokenize import TextStream
+from model.engine import Engine
+from model.messages import (Cancel, EmbedRequest, Embeddings, ErrorCode, Failed, Finished, FinishReason,
+                            GenerateRequest, Token)
+from model.sampling import MIN_TEMPERATURE, InvalidParameter, Sampler
 from server.settings import ServerSettings, parse_args
 from server.worker import ReformerAPI
 from tests.server_harness import tiny_checkpoint
+
+GREEDY = SamplingParams(max_tokens=9, temperature=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -17,13 +24,27 @@ def model(tmp_path_factory):
     return load_model(tiny_checkpoint(tmp_path_factory.mktemp("engine") / "tiny"))
 
 
-def run(engine: Engine, limit: int = 10_000) -> list[dict]:
-    events = []
+def run(engine: Engine, limit: int = 10_000) -> list:
+    outputs = []
     for _ in range(limit):
         if not engine.has_work():
-            return events
-        events += [event for _, event in engine.iteration()]
+            return outputs
+        outputs += [output for _, output in engine.iteration()]
     raise AssertionError("the engine did not finish")
+
+
+def tokens_of(outputs: list, uid: str) -> list[int]:
+    return [o.token for o in outputs if o.uid == uid and isinstance(o, Token)]
+
+
+def ending(outputs: list, uid: str):
+    (last,) = [o for o in outputs if o.uid == uid and isinstance(o, Finished | Failed | Embeddings)]
+    return last
+
+
+def alone(model, prompt: list[int], params: SamplingParams = GREEDY) -> list[int]:
+    """What a request generates by itself: the same decoder math, one sequence, nothing beside it."""
+    return generate(model, [prompt], params, num_slots=1)[0].token_ids
 
 
 def test_text_stream_holds_back_partial_characters_and_stop_prefixes():
@@ -37,52 +58,143 @@ def test_text_stream_holds_back_partial_characters_and_stop_prefixes():
     assert "".join(plain.push(t)[0] for t in tokenizer.encode("日本")) + plain.finish() == "日本"
 
 
-def test_engine_batches_requests_like_offline_generation(model):
+def test_batched_requests_generate_what_each_generates_alone(model):
     engine = Engine(model, ByteTokenizer(), max_running=2, prefill_batch_tokens=32)
     prompts = [ByteTokenizer().encode(p) for p in ("one", "two two", "three three three")]
     for i, prompt in enumerate(prompts):
-        engine.submit({"kind": "generate", "uid": str(i), "route": 0, "prompt_ids": prompt,
-                       "params": SamplingParams(max_tokens=9, temperature=0.0)})
-    events = run(engine)
-    expected = generate(model, prompts, SamplingParams(max_tokens=9, temperature=0.0))
-    for i in range(3):
-        tokens = [e["token"] for e in events if e["uid"] == str(i) and e["type"] == "token"]
-        assert tokens == expected[i].token_ids
+        engine.submit(GenerateRequest(str(i), tuple(prompt), GREEDY))
+    outputs = run(engine)
+    for i, prompt in enumerate(prompts):
+        assert tokens_of(outputs, str(i)) == alone(model, prompt)
+        assert ending(outputs, str(i)) == Finished(str(i), FinishReason.LENGTH, len(prompt), 9)
     assert engine.decoder.free_slots == 2
+
+
+def test_unknown_messages_are_refused_loudly(model):
+    engine = Engine(model, ByteTokenizer())
+    with pytest.raises(TypeError, match="GenerateRequest"):
+        engine.submit({"kind": "generate", "uid": "x"})
 
 
 def test_cancel_mid_prefill_and_mid_decode_frees_slots(model):
     engine = Engine(model, ByteTokenizer(), max_running=2)
     params = SamplingParams(max_tokens=150, temperature=0.0)
-    engine.submit({"kind": "generate", "uid": "a", "route": 0, "prompt_ids": [5] * 300, "params": params})
+    engine.submit(GenerateRequest("a", (5,) * 300, params))
     engine.iteration()  # admitted; its prefill is one layer in
     assert engine.work is not None and engine.decoder.free_slots == 1
-    engine.submit({"kind": "cancel", "uid": "a"})
-    events = [e for _, e in engine.iteration()]
+    engine.submit(Cancel("a"))
+    outputs = [o for _, o in engine.iteration()]
     assert engine.work is None and engine.decoder.free_slots == 2
-    assert events[0]["type"] == "done" and events[0]["finish_reason"] == "cancelled"
-    engine.submit({"kind": "generate", "uid": "b", "route": 0, "prompt_ids": [6, 7], "params": params})
+    assert outputs == [Finished("a", FinishReason.ABORT, 300, 0)]
+    engine.submit(GenerateRequest("b", (6, 7), params))
     for _ in range(10):
         engine.iteration()
     assert engine.running and engine.decoder.free_slots == 1
-    engine.submit({"kind": "cancel", "uid": "b"})
+    engine.submit(Cancel("b"))
     engine.iteration()
     assert not engine.running and engine.decoder.free_slots == 2
 
 
-def test_deadline_and_refused_requests(model):
+def test_deadlines_fail_with_a_timeout_and_refusals_name_the_problem(model):
     engine = Engine(model, ByteTokenizer(), max_running=1)
-    engine.submit({"kind": "generate", "uid": "late", "route": 0, "prompt_ids": [5, 6], "timeout": 0.05,
-                   "params": SamplingParams(max_tokens=450, temperature=0.0)})
+    engine.submit(GenerateRequest("late", (5, 6), SamplingParams(max_tokens=450, temperature=0.0), timeout=0.05))
     engine.iteration()
     time.sleep(0.1)
-    done = [e for e in run(engine) if e["type"] == "done"]
-    assert done[0]["timeout"] and done[0]["finish_reason"] == "cancelled"
-    engine.submit({"kind": "generate", "uid": "big", "route": 0, "prompt_ids": [5] * 500,
-                   "params": SamplingParams(max_tokens=100)})
-    error = run(engine)[0]
-    assert error["type"] == "error" and error["status"] == 400 and "exceeds" in error["message"]
+    late = ending(run(engine), "late")
+    assert isinstance(late, Failed) and late.status == 504 and late.code is ErrorCode.TIMEOUT
+    engine.submit(GenerateRequest("big", (5,) * 500, SamplingParams(max_tokens=100)))
+    engine.submit(GenerateRequest("vocab", (5,), SamplingParams(stop_token_ids=(999,))))
+    outputs = run(engine)
+    big, vocab = ending(outputs, "big"), ending(outputs, "vocab")
+    assert big.status == 400 and big.code is ErrorCode.CONTEXT_LENGTH and "exceeds" in big.message
+    assert vocab.status == 400 and "stop_token_ids" in vocab.message
     assert engine.decoder.free_slots == 1
+
+
+def test_tiny_temperatures_are_greedy_not_infinite():
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0])
+    for temperature in (1e-300, 5e-324, MIN_TEMPERATURE / 2):
+        assert Sampler(SamplingParams(temperature=temperature, seed=1)).choose(logits).token == 0
+    with pytest.raises(InvalidParameter, match="'temperature'") as error:
+        SamplingParams(temperature=2.5)
+    assert error.value.param == "temperature"
+
+
+def test_a_request_whose_sampling_fails_fails_alone(model, monkeypatch):
+    """The others in its decode batch finish with the tokens they generate alone; its slot is free."""
+    engine = Engine(model, ByteTokenizer(), max_running=3)
+    prompts = {"a": [5, 6, 7], "bad": [8, 9], "c": [10, 11, 12, 13]}
+    for uid, prompt in prompts.items():
+        engine.submit(GenerateRequest(uid, tuple(prompt), GREEDY))
+    outputs = []
+    while len(engine.running) < 3:  # one prefill layer per iteration, then decoding with all three
+        outputs += [o for _, o in engine.iteration()]
+    outputs += [o for _, o in engine.iteration()]
+    bad = next(job for job in engine.running.values() if job.uid == "bad")
+    monkeypatch.setattr(bad.sampler, "choose", lambda logits: 1 / 0)
+    outputs += run(engine)
+    failure = ending(outputs, "bad")
+    assert isinstance(failure, Failed) and failure.status == 500 and "sampling failed" in failure.message
+    for uid in ("a", "c"):
+        assert tokens_of(outputs, uid) == alone(model, prompts[uid])
+        assert ending(outputs, uid).reason is FinishReason.LENGTH
+    assert engine.decoder.free_slots == 3 and not engine.running
+
+
+def test_a_batched_prefill_that_fails_is_retried_member_by_member(model, monkeypatch):
+    """Only the prompt that breaks the forward fails; the prompts batched with it are served."""
+    engine = Engine(model, ByteTokenizer(), max_running=3)
+    poison = 77
+    real = engine.decoder.prefill_steps
+
+    def prefill_steps(prompts, **kwargs):
+        if any(poison in ids for _, ids in prompts):
+            raise RuntimeError("this prompt breaks the forward")
+        return (yield from real(prompts, **kwargs))
+
+    monkeypatch.setattr(engine.decoder, "prefill_steps", prefill_steps)
+    prompts = {"a": [5, 6, 7], "bad": [8, poison], "c": [10, 11]}
+    for uid, prompt in prompts.items():
+        engine.submit(GenerateRequest(uid, tuple(prompt), GREEDY))
+    outputs = run(engine)
+    assert isinstance(ending(outputs, "bad"), Failed)
+    for uid in ("a", "c"):
+        assert tokens_of(outputs, uid) == alone(model, prompts[uid])
+    assert engine.decoder.free_slots == 3
+
+
+def test_an_embedding_batch_that_fails_is_retried_member_by_member(model):
+    engine = Engine(model, ByteTokenizer(), embedder=_embedder_refusing(model, poison=77))
+    engine.submit(EmbedRequest("good", ((5, 6, 7),)))
+    engine.submit(EmbedRequest("bad", ((8, 77),)))
+    outputs = run(engine)
+    assert isinstance(ending(outputs, "good"), Embeddings) and isinstance(ending(outputs, "bad"), Failed)
+
+
+def _embedder_refusing(model, poison: int):
+    from model.embed import embed_steps
+
+    def steps(documents, **kwargs):
+        if any(poison in d for d in documents):
+            raise RuntimeError("poisoned document")
+        return (yield from embed_steps(model, documents, **kwargs))
+
+    return steps
+
+
+def test_a_failure_nobody_can_be_blamed_for_fails_everything_and_the_engine_goes_on(model, monkeypatch):
+    engine = Engine(model, ByteTokenizer(), max_running=2)
+    for uid in ("a", "b"):
+        engine.submit(GenerateRequest(uid, (5, 6), GREEDY))
+    engine.submit(GenerateRequest("queued", (5, 6), GREEDY))
+    engine.iteration()
+    monkeypatch.setattr(engine, "_expire", lambda *args: 1 / 0)  # a bug in the engine itself
+    outputs = [o for _, o in engine.iteration()]
+    assert {o.uid for o in outputs if isinstance(o, Failed) and o.code is ErrorCode.INTERNAL} == {"a", "b", "queued"}
+    assert engine.decoder.free_slots == 2 and not engine.has_work()
+    monkeypatch.undo()
+    engine.submit(GenerateRequest("after", (5, 6), GREEDY))
+    assert tokens_of(run(engine), "after") == alone(model, [5, 6])
 
 
 def test_slot_count_follows_the_cache_budget(tmp_path):

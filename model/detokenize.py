@@ -1,0 +1,54 @@
+"""Incremental detokenization: token ids in, final text out, with stop strings held back until decided."""
+
+from __future__ import annotations
+
+
+class TextStream:
+    """Incremental detokenization with stop strings.
+
+    Each new token is decoded together with a few tokens before it (so SentencePiece keeps its word-initial
+    spaces and multi-byte characters are decoded whole); text is released only once it is final: an
+    incomplete UTF-8 sequence, or a possible beginning of a stop string, waits for the next tokens.
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), context: list[int] | None = None):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.ids = list(context or [])[-6:]  # the prompt's last tokens, as decoding context
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.text = ""  # completion text decoded so far
+        self.released = 0  # characters of `text` already returned
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Add a token; returns (newly final text, whether a stop string ended the text)."""
+        self.ids.append(token)
+        self._decode(final=False)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """The rest of the text at the end of generation (an incomplete character is replaced)."""
+        self._decode(final=True)
+        return self._release(final=True)[0]
+
+    def _decode(self, final: bool) -> None:
+        before = self.tokenizer.decode(self.ids[self.prefix_offset: self.read_offset])
+        after = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.text += after[len(before):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+
+    def _release(self, final: bool) -> tuple[str, bool]:
+        if self.stop:
+            start = max(0, self.released - self.hold)
+            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                end = min(hits)
+                out = self.text[self.released: end] if end > self.released else ""
+                self.text, self.released = self.text[:end], end
+                return out, True
+        end = len(self.text) if final else max(self.released, len(self.text) - self.hold)
+        out = self.text[self.released: end]
+        self.released = end
+        return out, False

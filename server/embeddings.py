@@ -1,0 +1,125 @@
+"""POST /v1/embeddings: inputs (strings or token ids) cut into documents (chunks when asked), embedded by the
+engine in packed batches, pooled back into one vector per input."""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+
+import numpy as np
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse
+
+from model.messages import EmbedRequest, Embeddings, Failed, Finished, FinishReason
+
+from . import protocol
+from .protocol import APIError, EmbeddingRequest
+
+Spans = list[list[tuple[int, int]]]  # per input, the (start, end) token span of each of its chunks
+
+
+class EmbeddingsRoute:
+    def __init__(self, spec):
+        self.spec = spec
+
+    async def handle(self, request: Request) -> Response:
+        spec = self.spec
+        arrival = time.monotonic()
+        try:
+            body, timeout = await spec.accept(request, EmbeddingRequest)
+            documents, spans = self._documents(body)
+            tokens = sum(map(len, documents))
+            message = EmbedRequest(uid=f"embd-{uuid.uuid4().hex}", documents=tuple(map(tuple, documents)),
+                                   pooling=body.pooling, timeout=timeout, route=spec.engine.route)
+            with spec.admission.admit(tokens, "input"), spec.engine.open(message) as stream:
+                abandoned = Finished(message.uid, FinishReason.ABORT, tokens, 0)
+                async with spec.watch_disconnect(request, stream, abandoned):
+                    result = [output async for output in stream.outputs()][-1]
+        except APIError as error:
+            return spec.refuse(error)
+        if isinstance(result, Failed):
+            spec.metrics.failed.labels(code=result.code.value).inc()
+            return APIError.from_failure(result).response()
+        if not isinstance(result, Embeddings):  # the client is gone; nobody reads this
+            spec.metrics.finished.labels(finished_reason=FinishReason.ABORT.value).inc()
+            return APIError(499, "The request was cancelled.", code="cancelled").response()
+        spec.metrics.prompt_tokens.inc(tokens)
+        spec.metrics.e2e.observe(time.monotonic() - arrival)
+        return JSONResponse(self._body(body, result.vectors, spans, tokens))
+
+    def _documents(self, body: EmbeddingRequest) -> tuple[list[list[int]], Spans]:
+        """Token lists to embed, and for each input the token spans of its chunks."""
+        spec = self.spec
+        spec.check_model(body.model)
+        if body.dimensions is not None and body.dimensions != spec.info.embedding_size:
+            raise protocol.unsupported("dimensions", f"embeddings have {spec.info.embedding_size} dimensions")
+        raw = body.input
+        if isinstance(raw, str):
+            inputs = [raw]
+        elif raw and all(isinstance(x, int) for x in raw):
+            inputs = [list(raw)]
+        else:
+            inputs = list(raw)
+        if not inputs:
+            raise APIError(400, "'input' is empty.", param="input", code="empty_input")
+        limit = spec.settings.max_embedding_inputs
+        if len(inputs) > limit:
+            raise APIError(400, f"'input' holds {len(inputs)} items; at most {limit} per request.", param="input",
+                           code="too_many_inputs")
+        maximum = spec.info.max_context
+        chunking = body.chunking
+        if chunking and not (1 <= chunking.size <= maximum and 0 <= chunking.overlap < chunking.size):
+            raise APIError(400, f"'chunking.size' must be in 1..{maximum} and 'chunking.overlap' in "
+                                "0..size-1.", param="chunking", code="invalid_value")
+        documents, spans = [], []
+        for index, item in enumerate(inputs):
+            ids = spec.tokenizer.encode(item) if isinstance(item, str) else list(item)
+            if not isinstance(item, str):
+                spec.check_token_ids(ids, "input")
+            if not ids:
+                raise APIError(400, f"input {index} is empty.", param="input", code="empty_input")
+            if chunking is None and len(ids) > maximum:
+                raise APIError(400, f"input {index} has {len(ids)} tokens; this model's maximum context length is "
+                                    f"{maximum} tokens. Ask for server-side chunking with 'chunking': "
+                                    "{\"size\": N}.", param="input", code="context_length_exceeded")
+            step = (chunking.size - chunking.overlap) if chunking else len(ids)
+            size = chunking.size if chunking else len(ids)
+            starts = range(0, max(1, len(ids) - size + step), step)
+            pieces = [(s, min(s + size, len(ids))) for s in starts]
+            spans.append(pieces)
+            documents.extend(ids[s:e] for s, e in pieces)
+        return documents, spans
+
+    def _body(self, body: EmbeddingRequest, vectors: np.ndarray, spans: Spans, tokens: int) -> dict:
+        data, row = [], 0
+        for index, pieces in enumerate(spans):
+            chunk = vectors[row: row + len(pieces)]
+            row += len(pieces)
+            weights = np.array([e - s for s, e in pieces], dtype=np.float64)
+            if body.pooling == "max":
+                pooled = chunk.max(axis=0)
+            elif body.pooling == "first":
+                pooled = chunk[0]
+            elif body.pooling == "last":
+                pooled = chunk[-1]
+            else:  # mean over every token: chunk means weighted by their token counts
+                pooled = (chunk * weights[:, None]).sum(axis=0) / weights.sum()
+            item = {"object": "embedding", "index": index,
+                    "embedding": _encode_vector(pooled, body.normalize, body.encoding_format)}
+            if body.chunking and body.chunking.return_chunks:
+                item["chunks"] = [{"start": s, "end": e,
+                                   "embedding": _encode_vector(v, body.normalize, body.encoding_format)}
+                                  for (s, e), v in zip(pieces, chunk)]
+            data.append(item)
+        return {"object": "list", "data": data, "model": self.spec.info.name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def _encode_vector(vector: np.ndarray, normalize: bool, encoding: str):
+    vector = np.asarray(vector, dtype=np.float32)
+    if normalize:
+        vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
+    if encoding == "base64":
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    return vector.tolist()

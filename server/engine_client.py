@@ -1,0 +1,179 @@
+"""The HTTP process's end of the engine: the one module that knows how LitServe's queues carry our messages.
+
+Requests go into LitServe's request queue as `(response_queue_id, uid, time, message)`; the worker sends the
+outputs of each engine iteration back as one message per HTTP process under the response-buffer key
+`ENGINE_UID`, which a dispatcher task fans out to the open `RequestStream`s.
+
+Every stream ends with exactly one terminal output, from the engine or decided here: the request's deadline
+passed with no word from the engine, the engine died (no heartbeat, or a new worker since the request was
+sent), or the server is stopping. Closing a stream the engine has not finished cancels it in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+
+from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem
+
+from model.messages import (TERMINAL, Cancel, EmbedRequest, EngineInput, EngineOutput, ErrorCode, Failed,
+                            GenerateRequest)
+
+from .lifecycle import SharedState
+
+log = logging.getLogger(__name__)
+
+ENGINE_UID = "__engine__"  # the response-buffer key under which each HTTP process receives engine outputs
+WATCH_SECONDS = 0.25  # how often streams are checked against the engine's heartbeat and the phase
+DEADLINE_GRACE = 5.0  # seconds past a deadline before the stream stops waiting for the engine to say so
+
+
+# ---- the worker's side of the layout ------------------------------------------------------------------------
+def is_shutdown_sentinel(item: tuple) -> bool:
+    """LitServe puts this into the request queue when it shuts down."""
+    return item == (None, None, None, None)
+
+
+def message_of(item: tuple) -> EngineInput:
+    return item[3]
+
+
+def outputs_by_route(outputs: list[tuple[int, EngineOutput]], worker_id: int) -> list[tuple[int, tuple]]:
+    """One iteration's outputs as one transport message per HTTP process (not one per token)."""
+    by_route: dict[int, list] = defaultdict(list)
+    for route, output in outputs:
+        by_route[route].append(output)
+    return [(route, (ENGINE_UID, (batch, LitAPIStatus.OK, LoopResponseType.STREAMING, worker_id)))
+            for route, batch in by_route.items()]
+
+
+# ---- the HTTP process's side -----------------------------------------------------------------------------------
+class RequestStream:
+    """One request's outputs in order, ending with one terminal output."""
+
+    def __init__(self, uid: str, deadline: float, engine_pid: int):
+        self.uid = uid
+        self.deadline = deadline
+        self.engine_pid = engine_pid  # the worker that has it: a restarted worker does not
+        self.answered = False  # the engine sent the terminal output (nothing to cancel)
+        self.ended = False
+        self._queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
+
+    def deliver(self, output: EngineOutput) -> None:
+        """From the engine."""
+        if not self.ended:
+            self.answered = self.answered or isinstance(output, TERMINAL)
+            self._queue.put_nowait(output)
+
+    def end(self, output: EngineOutput) -> None:
+        """A terminal output decided in this process; the engine may still hold the request."""
+        if not self.ended:
+            self._queue.put_nowait(output)
+            self.ended = True
+
+    async def outputs(self, tick: float | None = None) -> AsyncIterator[EngineOutput | None]:
+        """Outputs up to and including the terminal one; None after each `tick` seconds of silence."""
+        while True:
+            late = self.deadline + DEADLINE_GRACE - time.monotonic()
+            try:
+                output = await asyncio.wait_for(self._queue.get(), timeout=max(0.0, min(tick or math.inf, late)))
+            except TimeoutError:
+                if time.monotonic() < self.deadline + DEADLINE_GRACE:
+                    yield None
+                    continue
+                output = Failed(self.uid, 504, "The request deadline passed.", ErrorCode.TIMEOUT)
+            yield output
+            if isinstance(output, TERMINAL):
+                self.ended = True
+                return
+
+
+class EngineClient:
+    def __init__(self, spec, shared: SharedState):
+        self._spec = spec  # LitServe gives it the request queue, this process's queue id and response buffer
+        self.shared = shared
+        self._streams: dict[str, RequestStream] = {}
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def route(self) -> int:
+        """Which HTTP process this is, for the engine to send outputs back to."""
+        return self._spec.response_queue_id
+
+    def alive(self) -> bool:
+        return self.shared.engine_alive()
+
+    @contextmanager
+    def open(self, message: GenerateRequest | EmbedRequest) -> Iterator[RequestStream]:
+        """Send a request; the stream is registered before, so no output can be missed. Leaving the block
+        before the engine finished the request (client gone, an error here) cancels it in the engine."""
+        self._start()
+        timeout = message.timeout if message.timeout is not None else math.inf
+        stream = RequestStream(message.uid, time.monotonic() + timeout, self.shared.engine_pid)
+        self._streams[message.uid] = stream
+        try:
+            self._put(message.uid, message)
+            yield stream
+        finally:
+            del self._streams[message.uid]
+            if not stream.answered:
+                self._cancel(message.uid)
+
+    def _put(self, uid: str, message) -> None:
+        # Synchronous on purpose: a request and its cancellation reach the engine in order.
+        self._spec.request_queue.put((self._spec.response_queue_id, uid, time.monotonic(), message))
+
+    def _cancel(self, uid: str) -> None:
+        try:
+            self._put(uid, Cancel(uid))
+        except Exception:  # noqa: BLE001 - the queues are gone at the very end of a shutdown
+            log.debug("could not send the cancellation of %s", uid)
+
+    # ---- this process's background tasks ------------------------------------------------------------------
+    def _start(self) -> None:
+        if self._tasks and not any(task.done() for task in self._tasks):
+            return
+        for task in self._tasks:
+            task.cancel()
+        item = ResponseBufferItem(event=asyncio.Event(), response_queue=deque())
+        self._spec.response_buffer[ENGINE_UID] = item
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._dispatch(item)), loop.create_task(self._watch())]
+
+    async def _dispatch(self, item: ResponseBufferItem) -> None:
+        """Fan engine messages (one per engine iteration) out to the requests they are for."""
+        while True:
+            await item.event.wait()
+            item.event.clear()
+            while item.response_queue:
+                batch, _ = item.response_queue.popleft()
+                for output in batch:
+                    stream = self._streams.get(output.uid)
+                    if stream is not None:
+                        stream.deliver(output)
+
+    async def _watch(self) -> None:
+        """End streams the engine can no longer answer: it died, or the server is stopping."""
+        while True:
+            await asyncio.sleep(WATCH_SECONDS)
+            if not self._streams:
+                continue
+            if self.shared.stopping:
+                self._end_all(503, "The server is shutting down.", ErrorCode.SHUTTING_DOWN)
+            elif not self.alive():
+                self._end_all(503, "The inference engine stopped; the server is restarting it. Retry shortly.",
+                              ErrorCode.ENGINE_DIED)
+            else:
+                pid = self.shared.engine_pid
+                self._end_all(503, "The inference engine was restarted and lost this request. Retry it.",
+                              ErrorCode.ENGINE_DIED, only=lambda stream: stream.engine_pid != pid)
+
+    def _end_all(self, status: int, message: str, code: ErrorCode, only=lambda stream: True) -> None:
+        for stream in list(self._streams.values()):
+            if only(stream) and not stream.ended:
+                stream.end(Failed(stream.uid, status, message, code))
