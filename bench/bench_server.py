@@ -5,8 +5,8 @@
 - engine tokens/s (the engine driven in this process) vs end-to-end streamed tokens/s (a real server on
   127.0.0.1, concurrent SSE clients) at 1, 8 and 32 streams; the gap is the cost of HTTP, LitServe's
   inter-process queues and SSE per token;
-- time to first byte and to first token for a 1K- and a 16K-token prompt (progress comments during the
-  prefill count as bytes).
+- time to first byte and to first token for a 1K- and a 16K-token prompt (asked with
+  `stream_options.include_progress`, so the prefill's progress comments count as bytes).
 Writes bench/results/server-<device>.json; `python -m bench.report` puts it into BENCHMARKS.md.
 """
 
@@ -70,7 +70,7 @@ async def _stream(client: httpx.AsyncClient, payload: dict) -> dict:
             if first_byte is None and line:
                 first_byte = now - start
             if line.startswith("data: {") and '"choices": [{' in line:
-                tokens += '"finish_reason": null' in line
+                tokens += 1  # one chunk per token (the last one carries the finish_reason)
                 if first_token is None:
                     first_token = now - start
     return {"tokens": tokens, "first_byte": first_byte, "first_token": first_token,
@@ -91,7 +91,8 @@ async def streamed_rate(url: str, streams: int, tokens: int) -> dict:
 
 async def first_token_times(url: str, length: int) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        result = await _stream(client, {"prompt": prompt(length, seed=99), "max_tokens": 1, "stream": True})
+        result = await _stream(client, {"prompt": prompt(length, seed=99), "max_tokens": 1, "stream": True,
+                                        "stream_options": {"include_progress": True}})
     return {"prompt_tokens": length, "first_byte": result["first_byte"], "first_token": result["first_token"]}
 
 

@@ -128,6 +128,27 @@ def server_section(result: dict) -> list[str]:
     return lines + [""]
 
 
+def choices_section(result: dict) -> list[str]:
+    one, separate = result["one_request"], result["separate_requests"]
+    n = result["n"]
+    lines = [
+        *_heading(result),
+        f"torch {result['torch']}, {result['dtype']}; the core benchmark's model (random weights); a "
+        f"{result['prompt_tokens']:,}-token prompt, {result['tokens_per_choice']} tokens per choice, sampled.",
+        "",
+        "| | prompt tokens computed | prefill forwards | every choice's first token | all done |",
+        "|---|---:|---:|---:|---:|",
+        f"| one request, n = {n} | {result['prompt_tokens']:,} | {one['prefill_forwards']} | "
+        f"{one['all_first_tokens']:,.2f} s | {one['seconds']:,.2f} s |",
+        f"| {n} requests, n = 1 | {separate['prompt_tokens_computed']:,} | {separate['prefill_forwards']} | "
+        f"{separate['all_first_tokens']:,.2f} s | {separate['seconds']:,.2f} s |",
+        "",
+        f"n = {n} from one prefill: first tokens {_ratio(separate['all_first_tokens'], one['all_first_tokens'])} "
+        f"sooner, done {_ratio(separate['seconds'], one['seconds'])} sooner.",
+    ]
+    return lines + [""]
+
+
 def loadtest_section(result: dict) -> list[str]:
     gates = ", ".join(f"{k.removeprefix('sla_').replace('_', ' ')} ≤ {v}" for k, v in result["gates"].items())
     lines = [f"### {result['device'].upper()} ({result['machine']}) — {result['date'][:10]}", "",
@@ -239,8 +260,13 @@ SECTIONS = [
     ("server", server_section,
      "## Server: the engine alone vs streamed end to end",
      "`python -m bench.bench_server`: the same engine driven in-process and through a real server on 127.0.0.1 "
-     "with concurrent SSE clients; the first byte of a stream is the `: accepted` comment, then progress "
-     "comments during the prefill.",
+     "with concurrent SSE clients; the first byte of a stream is its first prefill-progress comment "
+     "(`stream_options.include_progress`; results before 2026-12-01 counted an `: accepted` comment sent at once).",
+     True),
+    ("choices", choices_section,
+     "## n choices from one prefill vs n separate requests",
+     "`python -m bench.bench_choices`: the server's engine in-process; `n` copies the prompt's cache (keys, "
+     "values, LSH bucket indexes) into n decode slots instead of computing the prompt n times.",
      True),
     ("export", export_section,
      "## ONNX: onnxruntime vs PyTorch eager",

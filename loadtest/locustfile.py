@@ -74,7 +74,7 @@ class StreamingCompletionUser(_ReformerUser):
                     return
                 for line in response.iter_lines(decode_unicode=True):
                     if not line or not line.startswith("data: "):
-                        continue  # comments: accepted, prefill progress, keep-alive
+                        continue  # blank lines between events, and comments (keep-alive)
                     if line == "data: [DONE]":
                         done = True
                         break
@@ -82,8 +82,9 @@ class StreamingCompletionUser(_ReformerUser):
                     if "error" in body:
                         error = body["error"]["message"]
                         continue
-                    if not body["choices"] or body["choices"][0]["finish_reason"] is not None:
-                        continue
+                    if not body["choices"]:
+                        continue  # the usage chunk
+                    # Every chunk carries a token (the last one its finish_reason too).
                     now = time.perf_counter()
                     name, elapsed = ("ttft", now - start) if tokens == 0 else ("itl", now - last)
                     fire(request_type="SSE", name=name, response_time=elapsed * 1000, response_length=0,

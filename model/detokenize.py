@@ -11,9 +11,12 @@ class TextStream:
     incomplete UTF-8 sequence, or a possible beginning of a stop string, waits for the next tokens.
     """
 
-    def __init__(self, tokenizer, stop: tuple[str, ...] = (), context: list[int] | None = None):
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), context: list[int] | None = None, *,
+                 include_stop: bool = False, skip_special: bool = True):
         self.tokenizer = tokenizer
         self.stop = stop
+        self.include_stop = include_stop  # the matched stop string ends the text instead of being cut
+        self.skip_special = skip_special
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.ids = list(context or [])[-6:]  # the prompt's last tokens, as decoding context
         self.prefix_offset = 0
@@ -23,6 +26,11 @@ class TextStream:
 
     def push(self, token: int) -> tuple[str, bool]:
         """Add a token; returns (newly final text, whether a stop string ended the text)."""
+        if not self.skip_special and self.tokenizer.is_special(token):
+            self._decode(final=True)  # what came before is final: the special token's text follows it
+            self.text += self.tokenizer.token_text(token)
+            self.ids, self.prefix_offset, self.read_offset = [], 0, 0
+            return self._release(final=False)
         self.ids.append(token)
         self._decode(final=False)
         return self._release(final=False)
@@ -42,9 +50,10 @@ class TextStream:
     def _release(self, final: bool) -> tuple[str, bool]:
         if self.stop:
             start = max(0, self.released - self.hold)
-            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            hits = [(i, i + len(s) * self.include_stop) for i, s in
+                    ((self.text.find(s, start), s) for s in self.stop) if i >= 0]
             if hits:
-                end = min(hits)
+                end = min(hits)[1]
                 out = self.text[self.released: end] if end > self.released else ""
                 self.text, self.released = self.text[:end], end
                 return out, True

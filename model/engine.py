@@ -31,6 +31,7 @@ import torch
 from .decode import ContextLengthError, Decoder
 from .detokenize import TextStream
 from .embed import embed_steps, length_groups
+from .penalties import LogitsAdjuster
 from .messages import (Cancel, EmbedRequest, EngineInput, EngineOutput, ErrorCode, Failed, Finished, FinishReason,
                        GenerateRequest, Embeddings, Progress, PromptLogprobs, Token)
 from .reformer import ReformerLM
@@ -42,14 +43,24 @@ Events = list[tuple[int, EngineOutput]]
 
 
 @dataclass(eq=False)
-class GenerateJob:
-    request: GenerateRequest
-    arrival: float
-    deadline: float
+class Choice:
+    """One of a generation request's n sequences, in a decode slot of its own."""
+
+    job: GenerateJob
+    index: int
     sampler: Sampler
     text: TextStream | None
     slot: int | None = None
     generated: list[int] = field(default_factory=list)
+    done: bool = False
+
+
+@dataclass(eq=False)
+class GenerateJob:
+    request: GenerateRequest
+    arrival: float
+    deadline: float
+    choices: list[Choice] = field(default_factory=list)
     started: float | None = None
     cancelled: bool = False
     alone: bool = False  # prefill it in a batch of its own (its batch failed once)
@@ -66,6 +77,10 @@ class GenerateJob:
     def tokens(self) -> int:
         return len(self.request.prompt_ids)
 
+    @property
+    def slots(self) -> int:
+        return self.request.n
+
 
 @dataclass(eq=False)
 class EmbedJob:
@@ -78,6 +93,7 @@ class EmbedJob:
 
     uid = GenerateJob.uid
     route = GenerateJob.route
+    slots = 0
 
     @property
     def tokens(self) -> int:
@@ -119,13 +135,14 @@ class Engine:
         self.tokenizer = tokenizer
         self.decoder = decoder or Decoder(model, num_slots=max_running, max_length=max_length,
                                           tail_capacity=tail_capacity, prefill_batch_tokens=prefill_batch_tokens)
+        self.adjuster = LogitsAdjuster(self.decoder.num_slots, model.config.vocab_size, self.decoder.device)
         self.embed_steps = embedder or functools.partial(embed_steps, model)
         self.prefill_batch_tokens = prefill_batch_tokens
         self.metrics = metrics
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.waiting: deque[GenerateJob] = deque()
         self.waiting_embeds: deque[EmbedJob] = deque()
-        self.running: dict[int, GenerateJob] = {}
+        self.running: dict[int, Choice] = {}  # decode slot -> the choice decoding in it
         self.work: Work | None = None
         self.prefills = 0  # forwards started over prompts (tests and benchmarks count them)
         self._embeds_next = False  # alternate prefills and embedding batches when both wait
@@ -151,21 +168,25 @@ class Engine:
             self.metrics.engine_state(running=len(self.running), waiting=len(self.waiting) + len(self.waiting_embeds))
         return events
 
+    def _jobs(self) -> list[Job]:
+        """Every request in flight, once each."""
+        running = list({id(c.job): c.job for c in self.running.values()}.values())
+        return [*self.waiting, *self.waiting_embeds, *running, *(self.work.members if self.work else [])]
+
     def fail_all(self, events: Events, status: int, message: str, code: ErrorCode) -> None:
         """End every request in flight with one error and return the engine to an empty state."""
+        jobs = self._jobs()
         if self.work is not None:
             self.work.steps.close()
-        jobs = [*self.waiting, *self.waiting_embeds, *self.running.values(), *(self.work.members if self.work else [])]
         self.work = None
         self.waiting.clear()
         self.waiting_embeds.clear()
-        self.running.clear()
         for job in jobs:
-            if isinstance(job, GenerateJob):
-                self._release(job)
+            self._release(job)
             if not job.cancelled:
                 job.cancelled = True
                 events.append((job.route, Failed(job.uid, status, message, code)))
+        self.running.clear()
 
     def _iteration(self, events: Events) -> None:
         now = time.monotonic()
@@ -204,61 +225,63 @@ class Engine:
     def _generate_job(self, request: GenerateRequest, now: float, deadline: float) -> GenerateJob:
         request.params.validate(self.model.config.vocab_size)
         self.decoder.check_fits(len(request.prompt_ids), request.params.max_tokens)
-        if request.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
-        text = TextStream(self.tokenizer, request.stop, context=list(request.prompt_ids)) if self.tokenizer else None
-        return GenerateJob(request, now, deadline, Sampler(request.params), text)
+        if not 1 <= request.n <= self.decoder.num_slots:
+            raise ValueError(f"'n' must be in 1..{self.decoder.num_slots} (the decode slots), got {request.n}")
+        if (request.stop or not request.skip_special_tokens) and self.tokenizer is None:
+            raise ValueError("stop strings and special-token text need a tokenizer")
+        job = GenerateJob(request, now, deadline)
+        for index in range(request.n):
+            text = TextStream(self.tokenizer, request.stop, context=list(request.prompt_ids),
+                              include_stop=request.include_stop_str_in_output,
+                              skip_special=request.skip_special_tokens) if self.tokenizer else None
+            job.choices.append(Choice(job, index, Sampler(request.params.for_choice(index)), text))
+        return job
 
     def _cancel(self, uid: str, events: Events, outcome, *args) -> None:
-        """End a request wherever it is, with `outcome(uid, *args)`; a decode slot is free before the next step."""
-        for pending in (self.waiting, self.waiting_embeds):
-            for job in pending:
-                if job.uid == uid:
+        """End a request wherever it is, with `outcome(uid, *args)`; its decode slots are free before the next
+        step."""
+        for job in self._jobs():
+            if job.uid != uid or job.cancelled:
+                continue
+            for pending in (self.waiting, self.waiting_embeds):
+                if job in pending:
                     pending.remove(job)
-                    events.append((job.route, self._ending(job, outcome, *args)))
-                    return
-        for job in list(self.running.values()):
-            if job.uid == uid:
+            job.cancelled = True
+            in_work = self.work is not None and job in self.work.members
+            if not in_work:  # a prefill in progress still writes into its slots: they go when it ends
                 self._release(job)
-                events.append((job.route, self._ending(job, outcome, *args)))
-                return
-        if self.work is not None:
-            for job in self.work.members:
-                if job.uid == uid and not job.cancelled:
-                    job.cancelled = True
-                    events.append((job.route, self._ending(job, outcome, *args)))
-            if all(job.cancelled for job in self.work.members):
+            events.append((job.route, Finished(job.uid, *args, job.tokens, _completion_tokens(job))
+                           if outcome is Finished else outcome(job.uid, *args)))
+            if in_work and all(member.cancelled for member in self.work.members):
                 self._abandon_work()
-
-    @staticmethod
-    def _ending(job: Job, outcome, *args) -> EngineOutput:
-        if outcome is Finished:
-            return _finished(job, *args)
-        return outcome(job.uid, *args)
+            return
 
     def _expire(self, events: Events, now: float) -> None:
-        jobs = [*self.waiting, *self.waiting_embeds, *self.running.values(), *(self.work.members if self.work else [])]
-        for job in jobs:
+        for job in self._jobs():
             if not job.cancelled and now > job.deadline:
                 self._cancel(job.uid, events, Failed, 504, "The request deadline passed after "
                              f"{now - job.arrival:.1f} s.", ErrorCode.TIMEOUT)
 
-    def _release(self, job: GenerateJob) -> None:
-        if job.slot is not None:
-            self.running.pop(job.slot, None)
-            self.decoder.free(job.slot)
-            job.slot = None
+    def _release(self, job: Job) -> None:
+        for choice in getattr(job, "choices", ()):
+            self._release_choice(choice)
+
+    def _release_choice(self, choice: Choice) -> None:
+        if choice.slot is not None:
+            self.running.pop(choice.slot, None)
+            self.adjuster.free(choice.slot)
+            self.decoder.free(choice.slot)
+            choice.slot = None
 
     def _abandon_work(self) -> None:
         work, self.work = self.work, None
         work.steps.close()
         for job in work.members:
-            if isinstance(job, GenerateJob):
-                self._release(job)
+            self._release(job)
 
     # ---- prefills and embedding batches --------------------------------------------------------------
     def _next_work(self, now: float) -> Work | None:
-        can_prefill = bool(self.waiting) and self.decoder.free_slots > 0
+        can_prefill = bool(self.waiting) and self.decoder.free_slots >= self.waiting[0].slots
         if not can_prefill and not self.waiting_embeds:
             return None
         embeds = bool(self.waiting_embeds) and (self._embeds_next or not can_prefill)
@@ -271,10 +294,12 @@ class Engine:
                                      max_batch_tokens=self.prefill_batch_tokens)
             lengths = [len(d) for d in documents]
         else:
-            members, tokens = _take_within(self.waiting, self.prefill_batch_tokens, limit=self.decoder.free_slots)
-            for job in members:
-                job.slot = self.decoder.allocate()
-            steps = self.decoder.prefill_steps([(job.slot, list(job.request.prompt_ids)) for job in members],
+            members, tokens = _take_within(self.waiting, self.prefill_batch_tokens, slots=self.decoder.free_slots)
+            for job in members:  # every choice's slot now; the prompt is computed in the first one only
+                for choice in job.choices:
+                    choice.slot = self.decoder.allocate()
+            steps = self.decoder.prefill_steps([(job.choices[0].slot, list(job.request.prompt_ids))
+                                                for job in members],
                                                prompt_logits=any(job.request.prompt_logprobs for job in members))
             lengths = [job.tokens for job in members]
             self.prefills += 1
@@ -312,8 +337,7 @@ class Engine:
         self.work = None
         live = [job for job in work.members if not job.cancelled]
         for job in work.members:
-            if isinstance(job, GenerateJob):
-                self._release(job)
+            self._release(job)
         if len(live) > 1:
             log.warning("%s of %d requests failed (%s); retrying each alone", work.kind, len(live), error)
             pending = self.waiting_embeds if work.kind == "embed" else self.waiting
@@ -321,7 +345,7 @@ class Engine:
                 job.alone = True
                 pending.appendleft(job)
             return
-        log.exception("%s failed", work.kind, exc_info=error)
+        log.error("%s failed", work.kind, exc_info=error)
         for job in live:
             events.append((job.route, Failed(job.uid, 500, f"{work.kind} failed: {error}", ErrorCode.INTERNAL)))
 
@@ -335,81 +359,104 @@ class Engine:
             offset += count
 
     def _start_decoding(self, work: Work, result, events: Events) -> None:
-        for index, job in enumerate(work.members):
+        eos = self.model.config.eos_token_id
+        for row, job in enumerate(work.members):
             if job.cancelled:
                 self._release(job)
                 continue
             if job.request.prompt_logprobs:
-                events.append((job.route, _prompt_logprobs(job, result.prompt_logits[index])))
+                events.append((job.route, _prompt_logprobs(job, result.prompt_logits[row])))
             if job.request.params.max_tokens == 0:
                 self._release(job)
-                events.append((job.route, _finished(job, FinishReason.LENGTH)))
+                events.append((job.route, Finished(job.uid, FinishReason.LENGTH, job.tokens, 0)))
                 continue
-            self.running[job.slot] = job
-            self._accept(job, result.last_logits[index], events)
+            first = job.choices[0]
+            for choice in job.choices:
+                if choice is not first:
+                    self.decoder.copy_slot(first.slot, choice.slot)
+                self.adjuster.start(choice.slot, job.request.prompt_ids, choice.sampler.params, eos)
+                self.running[choice.slot] = choice
+            logits = result.last_logits[row: row + 1]
+            for choice in job.choices:
+                adjusted = self.adjuster.apply(logits, [choice.slot])
+                if not self._accept(choice, logits[0], None if adjusted is None else adjusted[0], events):
+                    break
 
     # ---- decoding -------------------------------------------------------------------------------------
     def _decode_step(self, events: Events) -> None:
-        jobs = list(self.running.values())
+        slots = list(self.running)
+        choices = [self.running[slot] for slot in slots]
         try:
-            logits = self.decoder.step([job.slot for job in jobs], [job.generated[-1] for job in jobs])
+            logits = self.decoder.step(slots, [choice.generated[-1] for choice in choices])
+            adjusted = self.adjuster.apply(logits, slots)
             rows = logits.detach().float().cpu()  # one device-to-host copy for the batch
+            adjusted_rows = adjusted.cpu() if adjusted is not None else [None] * len(slots)
         except Exception as error:  # noqa: BLE001 - no row is to blame: fail the batch, keep serving
             log.exception("decode step failed")
-            for job in jobs:
+            for job in {id(c.job): c.job for c in choices}.values():
                 self._release(job)
                 events.append((job.route, Failed(job.uid, 500, f"decode step failed: {error}", ErrorCode.INTERNAL)))
             return
         if self.metrics:
-            self.metrics.decode_batch(len(jobs))
-        for job, row in zip(jobs, rows):
-            self._accept(job, row, events)
+            self.metrics.decode_batch(len(slots))
+        for choice, row, adjusted_row in zip(choices, rows, adjusted_rows):
+            if choice.slot is not None:  # not ended by a sibling's failure in this loop
+                self._accept(choice, row, adjusted_row, events)
 
-    def _accept(self, job: GenerateJob, logits: torch.Tensor, events: Events) -> None:
-        """Sample the next token of one sequence and apply its stopping rules; a failure here is its own."""
+    def _accept(self, choice: Choice, logits: torch.Tensor, adjusted: torch.Tensor | None, events: Events) -> bool:
+        """Sample the next token of one choice and apply its stopping rules; a failure here fails its request
+        alone. Returns whether the request goes on."""
+        job = choice.job
         try:
-            choice = job.sampler.choose(logits.detach().float().cpu())
-            token, reason = self._token(job, choice)
+            picked = choice.sampler.choose(logits.detach().float().cpu(),
+                                           None if adjusted is None else adjusted.float().cpu())
+            token = self._token(choice, picked)
         except Exception as error:  # noqa: BLE001 - this request's sampling or stop rule, not the batch's
             log.exception("sampling failed for %s", job.uid)
             self._release(job)
             events.append((job.route, Failed(job.uid, 500, f"sampling failed: {error}", ErrorCode.INTERNAL)))
-            return
+            return False
         events.append((job.route, token))
-        if reason is not None:
-            self._release(job)
-            events.append((job.route, _finished(job, reason)))
+        self.adjuster.record([choice.slot], [picked.token])
+        if token.finish is not None:
+            self._release_choice(choice)
+            choice.done = True
+            if all(c.done for c in job.choices):
+                events.append((job.route, Finished(job.uid, token.finish, job.tokens, _completion_tokens(job))))
+        return True
 
-    def _token(self, job: GenerateJob, choice: TokenChoice) -> tuple[Token, FinishReason | None]:
-        job.generated.append(choice.token)
-        reason = finish_reason(job.request.params, self.model.config.eos_token_id, choice.token, len(job.generated))
+    def _token(self, choice: Choice, picked: TokenChoice) -> Token:
+        choice.generated.append(picked.token)
+        params = choice.sampler.params
+        reason = finish_reason(params, self.model.config.eos_token_id, picked.token, len(choice.generated))
         text = ""
-        if job.text is not None and reason is not FinishReason.STOP:  # a stop token's text is not completion text
-            text, stopped = job.text.push(choice.token)
+        if choice.text is not None and reason is not FinishReason.STOP:  # a stop token's text is not completion
+            text, stopped = choice.text.push(picked.token)
             if stopped:
                 reason = FinishReason.STOP
             elif reason is not None:
-                text += job.text.finish()
-        return Token(job.uid, choice.token, text, choice.logprob, choice.top_logprobs), reason
+                text += choice.text.finish()
+        return Token(choice.job.uid, picked.token, text, picked.logprob, picked.top_logprobs, choice.index, reason)
 
 
-def _take_within(pending: deque, budget: int, *, limit: int | None = None, pooling: bool = False):
-    """Pop jobs from the front while their sizes fit the budget (the first always goes), at most `limit`;
-    for embeddings only jobs that pool the same way; a job marked `alone` goes alone."""
-    members, total = [], 0
-    while pending and (limit is None or len(members) < limit):
+def _take_within(pending: deque, budget: int, *, slots: int | None = None, pooling: bool = False):
+    """Pop jobs from the front while their sizes fit the token budget (the first always goes) and their
+    choices the free decode `slots`; for embeddings only jobs that pool the same way; a job marked `alone`
+    goes alone."""
+    members, total, used = [], 0, 0
+    while pending and (slots is None or used + pending[0].slots <= slots):
         job = pending[0]
         if members and (job.alone or members[0].alone or total + job.tokens > budget
                         or (pooling and job.request.pooling != members[0].request.pooling)):
             break
         members.append(pending.popleft())
         total += job.tokens
+        used += job.slots
     return members, total
 
 
-def _finished(job: Job, reason: FinishReason) -> Finished:
-    completion = len(job.generated) if isinstance(job, GenerateJob) else 0
-    return Finished(job.uid, reason, job.tokens, completion)
+def _completion_tokens(job: Job) -> int:
+    return sum(len(choice.generated) for choice in getattr(job, "choices", ()))
 
 
 def _prompt_logprobs(job: GenerateJob, logits: torch.Tensor) -> PromptLogprobs:

@@ -32,6 +32,9 @@ class GenerateRequest:
     progress: bool = False  # report each prefill layer
     timeout: float | None = None  # seconds from arrival at the engine; None: no deadline
     route: int = 0  # which HTTP process receives the outputs
+    n: int = 1  # choices drawn from one prefill (the prompt's cache is copied, not recomputed)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True  # special tokens (end of sequence, padding) add no text
 
 
 @dataclass(frozen=True)
@@ -73,15 +76,19 @@ class Token:
     token: int
     text: str  # text made final by this token ("" while a character or a possible stop string is incomplete)
     logprob: float
-    top_logprobs: list[tuple[int, float]]
+    top_logprobs: list[tuple[int, float]]  # the likeliest `logprobs` tokens, and the chosen one
+    index: int = 0  # which of the request's n choices
+    finish: FinishReason | None = None  # set on the token that ends its choice
 
 
 @dataclass(frozen=True)
 class Finished:
+    """Every choice has ended (each choice's own reason came on its last Token)."""
+
     uid: str
-    reason: FinishReason
+    reason: FinishReason  # ABORT when cancelled; LENGTH when max_tokens was 0; else the last choice's reason
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # over all choices
 
 
 @dataclass(frozen=True)

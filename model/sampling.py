@@ -6,6 +6,7 @@ whatever else is batched with it and whichever device computed the logits.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from dataclasses import dataclass, field
 
@@ -18,6 +19,8 @@ MAX_TEMPERATURE = 2.0
 MIN_TEMPERATURE = 1e-5  # below it, sampling is greedy: logits / 1e-300 overflow to inf (vLLM's floor too)
 MAX_LOGPROBS = 20
 MAX_SEED = 2**63 - 1
+MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2] (OpenAI)
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value
 
 
 class InvalidParameter(ValueError):
@@ -39,7 +42,15 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    logprobs: int | None = None  # how many most likely alternatives to report with each token
+    logprobs: int | None = None  # how many most likely alternatives to report with each token (0: only the chosen)
+    # vLLM's parameters: the penalties and biases change the logits the token is drawn from, not the logprobs.
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
+    repetition_penalty: float = 1.0  # divides positive (multiplies negative) logits of prompt and generated tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    allowed_token_ids: tuple[int, ...] | None = None  # only these may be drawn
+    min_p: float = 0.0  # drop tokens below min_p times the likeliest's probability
+    min_tokens: int = 0  # end tokens (EOS, stop_token_ids) are not drawn before this many tokens
 
     def __post_init__(self):
         checks = (
@@ -53,6 +64,21 @@ class SamplingParams:
             ("stop_token_ids", all(_integer(t) and t >= 0 for t in self.stop_token_ids), "token ids"),
             ("logprobs", self.logprobs is None or (_integer(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
              f"an integer in [0, {MAX_LOGPROBS}]"),
+            ("presence_penalty", _number(self.presence_penalty) and abs(self.presence_penalty) <= MAX_PENALTY,
+             f"a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]"),
+            ("frequency_penalty", _number(self.frequency_penalty) and abs(self.frequency_penalty) <= MAX_PENALTY,
+             f"a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]"),
+            ("repetition_penalty", _number(self.repetition_penalty) and 0.0 < self.repetition_penalty <= MAX_PENALTY,
+             f"a number in (0, {MAX_PENALTY:g}]"),
+            ("logit_bias", all(_integer(t) and t >= 0 and _number(b) and abs(b) <= MAX_LOGIT_BIAS
+                               for t, b in self.logit_bias), f"token ids with biases in [-{MAX_LOGIT_BIAS:g}, "
+                                                             f"{MAX_LOGIT_BIAS:g}]"),
+            ("allowed_token_ids", self.allowed_token_ids is None or (
+                len(self.allowed_token_ids) > 0 and all(_integer(t) and t >= 0 for t in self.allowed_token_ids)),
+             "a non-empty list of token ids"),
+            ("min_p", _number(self.min_p) and 0.0 <= self.min_p <= 1.0, "a number in [0, 1]"),
+            ("min_tokens", _integer(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+             "an integer in [0, max_tokens]"),
         )
         for name, ok, expected in checks:
             if not ok:
@@ -62,10 +88,25 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE
 
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether the batched logits processor has anything to do for this sequence."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.allowed_token_ids is not None or self.min_tokens)
+
     def validate(self, vocab_size: int) -> None:
         """What depends on the model: token ids inside its vocabulary."""
-        if any(t >= vocab_size for t in self.stop_token_ids):
-            raise InvalidParameter("stop_token_ids", f"token ids in [0, {vocab_size})", self.stop_token_ids)
+        for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", [t for t, _ in self.logit_bias]),
+                          ("allowed_token_ids", self.allowed_token_ids or ())):
+            if any(t >= vocab_size for t in ids):
+                raise InvalidParameter(name, f"token ids in [0, {vocab_size})", getattr(self, name))
+
+    def for_choice(self, index: int) -> SamplingParams:
+        """The parameters of choice `index` of n: the same, with its own seed (so n seeded choices differ
+        from each other and repeat from run to run)."""
+        if index == 0 or self.seed is None:
+            return self
+        return dataclasses.replace(self, seed=(self.seed + index) % (MAX_SEED + 1))
 
 
 def _integer(value: object) -> bool:
@@ -91,25 +132,31 @@ class Sampler:
         self.seed = params.seed if params.seed is not None else secrets.randbits(63)
         self.generator = torch.Generator().manual_seed(self.seed)
 
-    def choose(self, logits: Tensor) -> TokenChoice:
-        """logits: (vocab,) fp32 on the CPU."""
+    def choose(self, logits: Tensor, adjusted: Tensor | None = None) -> TokenChoice:
+        """logits: (vocab,) fp32 on the CPU, the model's; `adjusted`: the same after penalties and biases,
+        which the token is drawn from (logprobs stay the model's, as in vLLM)."""
         params = self.params
         logprobs = torch.log_softmax(logits, dim=-1)
+        scores = logits if adjusted is None else adjusted
         if params.greedy:
-            token = int(torch.argmax(logits))
+            token = int(torch.argmax(scores))
         else:
-            scores = logits / params.temperature
+            scores = scores / params.temperature
             if params.top_k and params.top_k < scores.shape[-1]:
                 kth = torch.topk(scores, params.top_k).values[-1]
                 scores = scores.masked_fill(scores < kth, float("-inf"))
             if params.top_p < 1.0:
                 scores = _top_p(scores, params.top_p)
             probs = torch.softmax(scores, dim=-1)
+            if params.min_p > 0.0:
+                probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
             token = int(torch.multinomial(probs, 1, generator=self.generator))
         top: list[tuple[int, float]] = []
-        if params.logprobs:
+        if params.logprobs is not None:  # the likeliest `logprobs` tokens, and the chosen one always
             values, ids = torch.topk(logprobs, min(params.logprobs, logprobs.shape[-1]))
             top = list(zip(ids.tolist(), values.tolist()))
+            if token not in ids.tolist():
+                top.append((token, float(logprobs[token])))
         return TokenChoice(token, float(logprobs[token]), top)
 
 

@@ -17,6 +17,8 @@ class Tokenizer(Protocol):
 
     def token_text(self, token: int) -> str: ...
 
+    def is_special(self, token: int) -> bool: ...
+
 
 class ByteTokenizer:
     """id = byte + 2; 0 is padding, 1 unused, 2 end of sequence (so a NUL byte reads as end of sequence)."""
@@ -35,6 +37,9 @@ class ByteTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def is_special(self, token: int) -> bool:
+        return not self.OFFSET < token < self.vocab_size
 
     def token_text(self, token: int) -> str:
         """One token as a string for logprobs (bytes that are not ASCII are written as in OpenAI's API)."""
@@ -65,6 +70,9 @@ class SentencePieceTokenizer:
 
     def token_text(self, token: int) -> str:
         return self.processor.id_to_piece(token) if 0 <= token < self.vocab_size else ""
+
+    def is_special(self, token: int) -> bool:
+        return not 0 <= token < self.vocab_size or self.processor.is_control(token)
 
 
 def load_tokenizer(checkpoint: str | Path | None) -> Tokenizer:

@@ -32,7 +32,7 @@ class EmbeddingsRoute:
             tokens = sum(map(len, documents))
             message = EmbedRequest(uid=f"embd-{uuid.uuid4().hex}", documents=tuple(map(tuple, documents)),
                                    pooling=body.pooling, timeout=timeout, route=spec.engine.route)
-            with spec.admission.admit(tokens, "input"), spec.engine.open(message) as stream:
+            with spec.admission.admit(tokens, "input"), spec.engine.open(message.uid, [message]) as stream:
                 abandoned = Finished(message.uid, FinishReason.ABORT, tokens, 0)
                 async with spec.watch_disconnect(request, stream, abandoned):
                     result = [output async for output in stream.outputs()][-1]

@@ -54,43 +54,50 @@ def outputs_by_route(outputs: list[tuple[int, EngineOutput]], worker_id: int) ->
 
 # ---- the HTTP process's side -----------------------------------------------------------------------------------
 class RequestStream:
-    """One request's outputs in order, ending with one terminal output."""
+    """The outputs of one HTTP request's engine requests (one per prompt), in order. It ends when each has
+    had its terminal output, or at once with a terminal output decided in this process."""
 
-    def __init__(self, uid: str, deadline: float, engine_pid: int):
-        self.uid = uid
+    def __init__(self, uid: str, parts: list[str], deadline: float, engine_pid: int):
+        self.uid = uid  # the HTTP request's id
+        self.parts = parts  # its engine requests' uids
         self.deadline = deadline
-        self.engine_pid = engine_pid  # the worker that has it: a restarted worker does not
-        self.answered = False  # the engine sent the terminal output (nothing to cancel)
+        self.engine_pid = engine_pid  # the worker that has them: a restarted worker does not
+        self.unanswered = set(parts)  # no terminal output from the engine yet (to cancel when closed early)
         self.ended = False
-        self._queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[EngineOutput, bool]] = asyncio.Queue()
 
     def deliver(self, output: EngineOutput) -> None:
         """From the engine."""
         if not self.ended:
-            self.answered = self.answered or isinstance(output, TERMINAL)
-            self._queue.put_nowait(output)
+            if isinstance(output, TERMINAL):
+                self.unanswered.discard(output.uid)
+            self._queue.put_nowait((output, False))
 
     def end(self, output: EngineOutput) -> None:
-        """A terminal output decided in this process; the engine may still hold the request."""
+        """A terminal output decided in this process; the engine may still hold the requests."""
         if not self.ended:
-            self._queue.put_nowait(output)
+            self._queue.put_nowait((output, True))
             self.ended = True
 
     async def outputs(self, tick: float | None = None) -> AsyncIterator[EngineOutput | None]:
-        """Outputs up to and including the terminal one; None after each `tick` seconds of silence."""
-        while True:
+        """Outputs up to the last terminal one; None after each `tick` seconds of silence."""
+        waiting = set(self.parts)
+        while waiting:
             late = self.deadline + DEADLINE_GRACE - time.monotonic()
             try:
-                output = await asyncio.wait_for(self._queue.get(), timeout=max(0.0, min(tick or math.inf, late)))
+                output, local = await asyncio.wait_for(self._queue.get(), timeout=max(0.0, min(tick or math.inf, late)))
             except TimeoutError:
                 if time.monotonic() < self.deadline + DEADLINE_GRACE:
                     yield None
                     continue
-                output = Failed(self.uid, 504, "The request deadline passed.", ErrorCode.TIMEOUT)
+                output, local = Failed(self.uid, 504, "The request deadline passed.", ErrorCode.TIMEOUT), True
             yield output
-            if isinstance(output, TERMINAL):
+            if local:
                 self.ended = True
                 return
+            if isinstance(output, TERMINAL):
+                waiting.discard(output.uid)
+        self.ended = True
 
 
 class EngineClient:
@@ -109,20 +116,24 @@ class EngineClient:
         return self.shared.engine_alive()
 
     @contextmanager
-    def open(self, message: GenerateRequest | EmbedRequest) -> Iterator[RequestStream]:
-        """Send a request; the stream is registered before, so no output can be missed. Leaving the block
-        before the engine finished the request (client gone, an error here) cancels it in the engine."""
+    def open(self, uid: str, messages: list[GenerateRequest | EmbedRequest]) -> Iterator[RequestStream]:
+        """Send an HTTP request's engine requests; the stream is registered first, so no output can be
+        missed. Leaving the block before the engine finished them (client gone, an error, one prompt of
+        several failed) cancels what is left in the engine."""
         self._start()
-        timeout = message.timeout if message.timeout is not None else math.inf
-        stream = RequestStream(message.uid, time.monotonic() + timeout, self.shared.engine_pid)
-        self._streams[message.uid] = stream
+        timeout = max(m.timeout if m.timeout is not None else math.inf for m in messages)
+        stream = RequestStream(uid, [m.uid for m in messages], time.monotonic() + timeout, self.shared.engine_pid)
+        for message in messages:
+            self._streams[message.uid] = stream
         try:
-            self._put(message.uid, message)
+            for message in messages:
+                self._put(message.uid, message)
             yield stream
         finally:
-            del self._streams[message.uid]
-            if not stream.answered:
-                self._cancel(message.uid)
+            for message in messages:
+                del self._streams[message.uid]
+            for part in stream.unanswered:
+                self._cancel(part)
 
     def _put(self, uid: str, message) -> None:
         # Synchronous on purpose: a request and its cancellation reach the engine in order.
@@ -174,6 +185,6 @@ class EngineClient:
                               ErrorCode.ENGINE_DIED, only=lambda stream: stream.engine_pid != pid)
 
     def _end_all(self, status: int, message: str, code: ErrorCode, only=lambda stream: True) -> None:
-        for stream in list(self._streams.values()):
+        for stream in set(self._streams.values()):
             if only(stream) and not stream.ended:
                 stream.end(Failed(stream.uid, status, message, code))

@@ -68,11 +68,16 @@ class ServerProcess:
         return "" if self.log_path == Path(os.devnull) else self.log_path.read_text()[-4000:]
 
     def metric(self, name: str) -> float:
-        """Sum of a metric's samples in /metrics (every label set, or the one written in `name`)."""
+        """Sum of a metric's samples in /metrics: every label set, or those that have the labels written in
+        `name` (`vllm:request_success_total{finished_reason="abort"}`)."""
+        wanted_name, _, wanted = name.partition("{")
+        wanted_labels = set(filter(None, wanted.rstrip("}").split(",")))
         total = 0.0
         for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                total += float(line.rsplit(" ", 1)[1])
+            sample, _, value = line.rpartition(" ")
+            metric, _, labels = sample.partition("{")
+            if metric == wanted_name and wanted_labels <= set(labels.rstrip("}").split(",")):
+                total += float(value)
         return total
 
     def stop(self, timeout: float = 30) -> int:

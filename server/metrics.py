@@ -27,22 +27,29 @@ def prepare_directory(path: str | None = None) -> str:
 
 
 class Metrics:
-    def __init__(self):
+    """vLLM's metrics carry the label `model_name` (dashboards filter on it); ours are `reformer:*`."""
+
+    def __init__(self, model_name: str):
         from prometheus_client import Counter, Gauge, Histogram
 
-        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token (arrival to first text).",
-                              buckets=LATENCY_BUCKETS)
-        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between streamed tokens.",
-                             buckets=LATENCY_BUCKETS)
-        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Arrival to last byte.", buckets=LATENCY_BUCKETS)
-        self.queue = Histogram("vllm:request_queue_time_seconds", "Engine arrival to the start of its prefill.",
-                               buckets=LATENCY_BUCKETS)
-        self.running = Gauge("vllm:num_requests_running", "Sequences decoding.", multiprocess_mode="livesum")
-        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting for the engine.",
-                             multiprocess_mode="livesum")
-        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt (and embedded) tokens processed.")
-        self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.")
-        self.finished = Counter("vllm:request_success", "Finished requests by reason.", ["finished_reason"])
+        def vllm(kind, name: str, doc: str, **kwargs):
+            return kind(name, doc, ["model_name"], **kwargs).labels(model_name=model_name)
+
+        self.ttft = vllm(Histogram, "vllm:time_to_first_token_seconds", "Time to first token (arrival to first "
+                         "text).", buckets=LATENCY_BUCKETS)
+        self.itl = vllm(Histogram, "vllm:inter_token_latency_seconds", "Time between streamed tokens.",
+                        buckets=LATENCY_BUCKETS)
+        self.e2e = vllm(Histogram, "vllm:e2e_request_latency_seconds", "Arrival to last byte.", buckets=LATENCY_BUCKETS)
+        self.queue = vllm(Histogram, "vllm:request_queue_time_seconds", "Engine arrival to the start of its prefill.",
+                          buckets=LATENCY_BUCKETS)
+        self.running = vllm(Gauge, "vllm:num_requests_running", "Sequences decoding.", multiprocess_mode="livesum")
+        self.waiting = vllm(Gauge, "vllm:num_requests_waiting", "Requests waiting for the engine.",
+                            multiprocess_mode="livesum")
+        self.prompt_tokens = vllm(Counter, "vllm:prompt_tokens", "Prompt (and embedded) tokens processed.")
+        self.generation_tokens = vllm(Counter, "vllm:generation_tokens", "Tokens generated (cancelled requests' "
+                                      "too).")
+        self.finished = _Bound(Counter("vllm:request_success", "Finished requests by reason.",
+                                       ["model_name", "finished_reason"]), model_name)
         self.batch = Histogram("reformer:decode_batch_size", "Sequences in one decode step.", buckets=BATCH_BUCKETS)
         self.prefill_rate = Gauge("reformer:prefill_tokens_per_second", "Throughput of the last prefill or "
                                   "embedding forward.", multiprocess_mode="livesum")
@@ -69,6 +76,16 @@ class Metrics:
         self.prefill_tokens.inc(tokens)
         if seconds > 0:
             self.prefill_rate.set(tokens / seconds)
+
+
+class _Bound:
+    """A labelled metric with `model_name` already given: `.labels(finished_reason=...)` as usual."""
+
+    def __init__(self, metric, model_name: str):
+        self._metric, self._model_name = metric, model_name
+
+    def labels(self, **labels):
+        return self._metric.labels(model_name=self._model_name, **labels)
 
 
 def exposition() -> tuple[bytes, str]:

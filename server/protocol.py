@@ -11,17 +11,20 @@ from typing import Annotated, Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
-from model.sampling import MAX_LOGPROBS, MAX_SEED, MAX_TEMPERATURE, InvalidParameter, SamplingParams
+from model.sampling import (MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENALTY, MAX_SEED, MAX_TEMPERATURE, InvalidParameter,
+                            SamplingParams)
 
 # A JSON number (an integer is accepted as a float); strings, booleans, NaN and infinities are refused.
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 MAX_STOP_STRINGS = 4
+MAX_CHOICES = 16  # n and best_of (each choice holds a decode slot)
 
 
 class APIError(Exception):
     """An error answered with the OpenAI error body {"error": {"message", "type", "param", "code"}}."""
 
     TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+             405: "invalid_request_error",
              413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error",
              504: "timeout_error"}
     # Statuses the openai SDK retries (it honours this header): a request that ran out of its own time
@@ -54,32 +57,45 @@ class _Strict(BaseModel):
 
 
 class StreamOptions(_Strict):
-    include_usage: StrictBool = False
+    include_usage: StrictBool = False  # a last chunk with the usage
+    continuous_usage_stats: StrictBool = False  # usage so far on every chunk (vLLM)
+    include_progress: StrictBool = False  # extension: ": prefill k/n layers" comments while a long prompt is read
 
 
-class CompletionRequest(_Strict):
+TokenIds = list[Annotated[StrictInt, Field(ge=0)]]
+
+
+class SamplingFields(_Strict):
+    """What completions and chat completions share: sampling, stopping, streaming (OpenAI's and vLLM's)."""
+
     model: StrictStr | None = None
-    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
-    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = 16
     temperature: Annotated[Number, Field(ge=0, le=MAX_TEMPERATURE)] = 1.0
     top_p: Annotated[Number, Field(gt=0, le=1)] = 1.0
-    top_k: Annotated[StrictInt, Field(ge=-1)] = 0  # extension (vLLM): 0 or -1 disables
+    top_k: Annotated[StrictInt, Field(ge=-1)] = 0  # vLLM: 0 or -1 disables
+    min_p: Annotated[Number, Field(ge=0, le=1)] = 0.0  # vLLM
     seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] = 1
     stop: StrictStr | list[StrictStr] | None = None
-    stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None  # extension (vLLM)
-    ignore_eos: StrictBool = False  # extension (vLLM)
-    n: StrictInt = 1
-    best_of: StrictInt | None = None
-    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    echo: StrictBool = False
+    stop_token_ids: TokenIds | None = None  # vLLM
+    ignore_eos: StrictBool = False  # vLLM
+    min_tokens: Annotated[StrictInt, Field(ge=0)] = 0  # vLLM
+    include_stop_str_in_output: StrictBool = False  # vLLM
+    skip_special_tokens: StrictBool = True  # vLLM
+    truncate_prompt_tokens: Annotated[StrictInt, Field(ge=1)] | None = None  # vLLM: keep the prompt's last k tokens
+    presence_penalty: Annotated[Number, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)] = 0.0
+    frequency_penalty: Annotated[Number, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)] = 0.0
+    repetition_penalty: Annotated[Number, Field(gt=0, le=MAX_PENALTY)] = 1.0  # vLLM
+    logit_bias: dict[str, Annotated[Number, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = None
+    allowed_token_ids: TokenIds | None = None  # vLLM
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    return_token_ids: StrictBool = False  # extension (vLLM)
-    presence_penalty: Number = 0.0
-    frequency_penalty: Number = 0.0
-    logit_bias: dict[str, Any] | None = None
-    suffix: StrictStr | None = None
+    return_token_ids: StrictBool = False  # vLLM
     user: StrictStr | None = None  # accepted: written to the access log
+
+    def check_stream_options(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "'stream_options' is only allowed when 'stream' is true.", param="stream_options",
+                           code="invalid_value")
 
     def stop_strings(self) -> list[str]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -88,14 +104,64 @@ class CompletionRequest(_Strict):
                            code="invalid_value")
         return stop
 
-    def sampling_params(self, max_tokens: int) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         """The one conversion to sampling parameters (which check their own ranges)."""
         try:
-            return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_k=max(0, self.top_k),
-                                  top_p=self.top_p, seed=self.seed, stop_token_ids=tuple(self.stop_token_ids or ()),
-                                  ignore_eos=self.ignore_eos, logprobs=self.logprobs)
+            bias = tuple((int(token), float(value)) for token, value in (self.logit_bias or {}).items())
+        except ValueError:
+            raise APIError(400, "'logit_bias' keys must be token ids.", param="logit_bias",
+                           code="invalid_value") from None
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=self.temperature, top_k=max(0, self.top_k), top_p=self.top_p,
+                seed=self.seed, stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
+                logprobs=logprobs, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                repetition_penalty=self.repetition_penalty, logit_bias=bias, min_p=self.min_p,
+                min_tokens=min(self.min_tokens, max_tokens),
+                allowed_token_ids=tuple(self.allowed_token_ids) if self.allowed_token_ids is not None else None)
         except InvalidParameter as error:
             raise APIError(400, str(error), param=error.param, code="invalid_value") from None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = 16
+    best_of: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] | None = None
+    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    echo: StrictBool = False
+    suffix: StrictStr | None = None
+
+
+class ContentPart(_Strict):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...: passed to the template as they are
+
+    role: StrictStr
+    content: StrictStr | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    add_generation_prompt: StrictBool = True  # vLLM
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM: extra variables for the template
+    # Accepted when they ask for nothing this server lacks:
+    tools: list | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: StrictBool | None = None
+    response_format: dict[str, Any] | None = None
 
 
 class Chunking(_Strict):
@@ -160,3 +226,145 @@ def context_error(maximum: int, prompt: int, completion: int, param: str = "prom
                          f"{prompt + completion} tokens ({prompt} in the prompt, {completion} for the completion). "
                          "Please reduce the length of the prompt or the completion.",
                     param=param, code="context_length_exceeded")
+
+
+# ---- response bodies (for /openapi.json; the tests validate real responses against them) -----------------------
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int = 0
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: Literal["stop", "length"] | None
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] | None = None
+
+
+class CompletionResponse(BaseModel):
+    """The body of a completion; a streamed chunk has the same shape (usage only on the last, if asked)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: Literal["stop", "length"] | None
+    token_ids: list[int] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class EmbeddingChunk(BaseModel):
+    start: int
+    end: int
+    embedding: list[float] | str
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str  # base64 of little-endian float32 with encoding_format "base64"
+    chunks: list[EmbeddingChunk] | None = None
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"]
+    data: list[EmbeddingData]
+    model: str
+    usage: Usage
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+# What each POST route reads and answers: /openapi.json is written from this table.
+POST_BODIES: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
+    "/v1/completions": (CompletionRequest, CompletionResponse),
+    "/v1/chat/completions": (ChatCompletionRequest, ChatCompletionResponse),
+    "/v1/embeddings": (EmbeddingRequest, EmbeddingResponse),
+    "/tokenize": (TokenizeRequest, TokenizeResponse),
+    "/detokenize": (DetokenizeRequest, DetokenizeResponse),
+}

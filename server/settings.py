@@ -22,6 +22,7 @@ class ServerSettings:
     device: str = "auto"  # auto | cpu | cuda
     backend: str = "torch"  # torch | onnx (graphs exported at start-up, or read from onnx_dir)
     onnx_dir: str | None = None
+    chat_template: str | None = None  # Jinja2 file for /v1/chat/completions (default: the checkpoint's)
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -105,6 +106,8 @@ def parse_args(argv: list[str] | None = None) -> ServerSettings:
     parser.add_argument("--backend", choices=["torch", "onnx"], default=defaults.backend,
                         help="onnx: onnxruntime runs graphs exported from the model (CUDA provider on a GPU)")
     parser.add_argument("--onnx-dir", help="where the exported graphs are (or go): default a cache directory")
+    parser.add_argument("--chat-template", help="Jinja2 chat template for /v1/chat/completions (default: the "
+                                                "checkpoint's chat_template.jinja or tokenizer_config.json)")
     parser.add_argument("--host", default=defaults.host, help="0.0.0.0, 127.0.0.1 or ::")
     parser.add_argument("--port", type=int, default=defaults.port)
     parser.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")

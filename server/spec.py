@@ -22,6 +22,7 @@ from model.tokenizer import load_tokenizer
 
 from . import protocol
 from .admission import Admission
+from .chat import ChatRoute
 from .completions import CompletionsRoute
 from .embeddings import EmbeddingsRoute
 from .engine_client import EngineClient
@@ -53,6 +54,7 @@ class OpenAISpec(LitSpec):
         self._process_state = {}
         for path, handler, methods in [
             ("/v1/completions", CompletionsRoute(self).handle, ["POST"]),
+            ("/v1/chat/completions", ChatRoute(self).handle, ["POST"]),
             ("/v1/embeddings", EmbeddingsRoute(self).handle, ["POST"]),
             ("/v1/models", self.models, ["GET"]), ("/tokenize", self.tokenize, ["POST"]),
             ("/detokenize", self.detokenize, ["POST"]), ("/health", self.health, ["GET"]),
@@ -89,7 +91,7 @@ class OpenAISpec(LitSpec):
     def metrics(self):
         from .metrics import Metrics
 
-        return self._local("metrics", Metrics)
+        return self._local("metrics", lambda: Metrics(self.info.name))
 
     @property
     def engine(self) -> EngineClient:

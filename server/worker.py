@@ -98,7 +98,7 @@ class ReformerAPI(ls.LitAPI):
         model = load_model(settings.model_path)
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         model = model.to(device=device, dtype=dtype).eval()
-        metrics = Metrics()
+        metrics = Metrics(settings.model_name)
         metrics.info.labels(backend=settings.backend, device=settings.execution_provider or device,
                             model=settings.model_name).set(1)
         max_length = settings.max_context(model.config)

@@ -58,6 +58,35 @@ def test_text_stream_holds_back_partial_characters_and_stop_prefixes():
     assert "".join(plain.push(t)[0] for t in tokenizer.encode("日本")) + plain.finish() == "日本"
 
 
+def test_text_stream_can_keep_the_stop_string_and_show_special_tokens():
+    tokenizer = ByteTokenizer()
+    kept = TextStream(tokenizer, stop=("END",), include_stop=True)
+    out = "".join(kept.push(t)[0] for t in tokenizer.encode("abEN"))
+    assert out + kept.push(tokenizer.encode("D")[0])[0] == "abEND"
+    shown = TextStream(tokenizer, skip_special=False)
+    text = "".join(shown.push(t)[0] for t in [*tokenizer.encode("a"), tokenizer.eos_id, *tokenizer.encode("b")])
+    assert text + shown.finish() == "a</s>b"
+
+
+def test_n_choices_come_from_one_prefill_copied_into_n_slots(model):
+    engine = Engine(model, ByteTokenizer(), max_running=4)
+    prompt = (5, 6, 7, 8, 9)
+    engine.submit(GenerateRequest("greedy", prompt, GREEDY, n=3))
+    outputs = run(engine)
+    assert engine.prefills == 1 and engine.decoder.free_slots == 4
+    for index in range(3):
+        assert [o.token for o in outputs if isinstance(o, Token) and o.index == index] == alone(model, list(prompt))
+    sampled = SamplingParams(max_tokens=9, temperature=1.0, seed=42)
+    engine.submit(GenerateRequest("seeded", prompt, sampled, n=3))
+    outputs = run(engine)
+    for index in range(3):  # choice j draws what a request with seed + j draws alone
+        got = [o.token for o in outputs if isinstance(o, Token) and o.index == index]
+        assert got == alone(model, list(prompt), sampled.for_choice(index))
+    assert len({tuple(o.token for o in outputs if isinstance(o, Token) and o.index == i) for i in range(3)}) > 1
+    engine.submit(GenerateRequest("too many", prompt, GREEDY, n=5))
+    assert ending(run(engine), "too many").status == 400
+
+
 def test_batched_requests_generate_what_each_generates_alone(model):
     engine = Engine(model, ByteTokenizer(), max_running=2, prefill_batch_tokens=32)
     prompts = [ByteTokenizer().encode(p) for p in ("one", "two two", "three three three")]
@@ -130,7 +159,7 @@ def test_a_request_whose_sampling_fails_fails_alone(model, monkeypatch):
     while len(engine.running) < 3:  # one prefill layer per iteration, then decoding with all three
         outputs += [o for _, o in engine.iteration()]
     outputs += [o for _, o in engine.iteration()]
-    bad = next(job for job in engine.running.values() if job.uid == "bad")
+    bad = next(choice for choice in engine.running.values() if choice.job.uid == "bad")
     monkeypatch.setattr(bad.sampler, "choose", lambda logits: 1 / 0)
     outputs += run(engine)
     failure = ending(outputs, "bad")

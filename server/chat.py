@@ -1,0 +1,99 @@
+"""POST /v1/chat/completions: messages rendered into a prompt by the model's chat template, then served like
+a completion (`completions.serve`) in the chat shapes.
+
+The template is Jinja2 over `messages` and `add_generation_prompt`, the convention of Hugging Face
+tokenizers: `--chat-template FILE`, else the checkpoint's `chat_template.jinja` or the `chat_template` of
+its `tokenizer_config.json`. A model without one answers 400, as vLLM does for base models.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from pathlib import Path
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from . import protocol
+from .completions import GenerationRoute, engine_requests
+from .generation import ChatShape, Generation, Prompt
+from .protocol import APIError, ChatCompletionRequest
+
+log = logging.getLogger(__name__)
+
+
+def load_chat_template(settings) -> str | None:
+    """The template's source, or None when the model has none."""
+    if settings.chat_template:
+        return Path(settings.chat_template).read_text()
+    checkpoint = settings.model_path
+    if (checkpoint / "chat_template.jinja").exists():
+        return (checkpoint / "chat_template.jinja").read_text()
+    config = checkpoint / "tokenizer_config.json"
+    if config.exists():
+        template = json.loads(config.read_text()).get("chat_template")
+        return template if isinstance(template, str) else None
+    return None
+
+
+class ChatRoute(GenerationRoute):
+    schema = ChatCompletionRequest
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self._template = None
+
+    def template(self):
+        """Compiled once per process; a sandbox, since a template is code from a checkpoint or a user."""
+        if self._template is None:
+            source = load_chat_template(self.spec.settings)
+            if source is None:
+                raise APIError(400, "This model has no chat template, so it cannot serve chat completions: use "
+                                    "/v1/completions, or start the server with --chat-template FILE.",
+                               param="messages", code="chat_template_missing")
+            environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            self._template = environment.from_string(source)
+        return self._template
+
+    def _generation(self, body: ChatCompletionRequest, timeout: float, arrival: float):
+        spec = self.spec
+        if body.tools and body.tool_choice != "none":
+            raise protocol.unsupported("tools", "this model does not call tools")
+        if body.response_format and body.response_format.get("type") not in (None, "text"):
+            raise protocol.unsupported("response_format", "only text is produced")
+        if body.max_tokens is not None and body.max_completion_tokens is not None:
+            raise APIError(400, "Send 'max_completion_tokens' or 'max_tokens', not both.",
+                           param="max_completion_tokens", code="invalid_value")
+        text = self._render(body)
+        ids = spec.tokenizer.encode(text)
+        if body.truncate_prompt_tokens is not None:
+            ids = ids[-body.truncate_prompt_tokens:]
+        if not ids:
+            raise APIError(400, "The messages render to an empty prompt.", param="messages", code="empty_prompt")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true.", param="top_logprobs",
+                           code="invalid_value")
+        options = body.stream_options
+        generation = Generation(
+            spec, f"chatcmpl-{uuid.uuid4().hex}", [Prompt(ids, text)], n=body.n, keep=body.n, shape=ChatShape(),
+            echo=False, logprobs=body.logprobs, include_usage=bool(options and options.include_usage),
+            continuous_usage=bool(options and options.continuous_usage_stats),
+            include_progress=bool(options and options.include_progress), return_token_ids=body.return_token_ids,
+            arrival=arrival)
+        messages = engine_requests(spec, body, generation, max_tokens=body.max_completion_tokens or body.max_tokens,
+                                   logprobs=logprobs, prompt_logprobs=False, timeout=timeout)
+        return generation, messages
+
+    def _render(self, body: ChatCompletionRequest) -> str:
+        messages = [{**message.model_dump(exclude_none=True), "content": message.text()}
+                    for message in body.messages]
+        variables = {"bos_token": "", "eos_token": "", **(body.chat_template_kwargs or {}), "messages": messages,
+                     "add_generation_prompt": body.add_generation_prompt}
+        try:
+            return self.template().render(**variables)
+        except TemplateError as error:
+            raise APIError(400, f"The chat template could not render these messages: {error}", param="messages",
+                           code="invalid_value") from None

@@ -1,0 +1,319 @@
+"""A generation on its way back: engine outputs of one HTTP request (one engine request per prompt, n choices
+each) become OpenAI chunks (Server-Sent Events) or one body, in the shape of a completion or a chat
+completion (`TextShape`, `ChatShape`).
+
+SSE as OpenAI and vLLM send it: `data:` events only, `finish_reason` on a choice's last chunk, `[DONE]`
+last; an error after the stream started is a `data: {"error": ...}` event before `[DONE]`. Comments only
+on request (`stream_options.include_progress`) or after KEEPALIVE_SECONDS of silence (a long prefill).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse
+
+from model.messages import Failed, Finished, FinishReason, Progress, PromptLogprobs, Token
+
+from .protocol import APIError
+
+KEEPALIVE_SECONDS = 15.0
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    text: str
+
+
+@dataclass
+class ChoiceState:
+    index: int  # in the response
+    prompt: Prompt
+    offset: int  # text_offset of the next token
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[tuple[str, float | None, dict | None, int]] = field(default_factory=list)  # token, lp, top, offset
+    prompt_logprobs: list[tuple[str, float | None, dict | None, int]] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None
+    echoed: bool = False  # the prompt went out (echo)
+    announced: bool = False  # the role went out (chat)
+
+
+class Generation:
+    def __init__(self, spec, uid: str, prompts: list[Prompt], *, n: int, keep: int, shape, echo: bool,
+                 logprobs: bool, include_usage: bool = False, continuous_usage: bool = False,
+                 include_progress: bool = False, return_token_ids: bool = False, arrival: float):
+        """`n` choices per prompt are generated, the `keep` with the highest cumulative logprob are answered
+        (best_of); `uid` names the response, and its engine requests are `part(i)`."""
+        self.spec, self.uid, self.prompts, self.shape = spec, uid, prompts, shape
+        self.n, self.keep, self.echo, self.want_logprobs = n, keep, echo, logprobs
+        self.include_usage, self.continuous_usage = include_usage, continuous_usage
+        self.include_progress, self.return_token_ids = include_progress, return_token_ids
+        self.arrival = arrival
+        self.created = int(time.time())
+        self.choices: dict[tuple[str, int], ChoiceState] = {}
+        for i, prompt in enumerate(prompts):
+            for j in range(n):
+                start = len(prompt.text) if echo else 0
+                self.choices[(self.part(i), j)] = ChoiceState(i * keep + j, prompt, start)
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.outcome: Finished | Failed | None = None
+
+    def part(self, i: int) -> str:
+        return f"{self.uid}-{i}"
+
+    # engine outputs -> state ------------------------------------------------------------------------------
+    def _on_prompt(self, output: PromptLogprobs) -> None:
+        token_text = self.spec.tokenizer.token_text
+        for (uid, _), choice in self.choices.items():
+            if uid != output.uid:
+                continue
+            offset = 0
+            for token, logprob, top in zip(choice.prompt.ids, output.token_logprobs, output.top_logprobs):
+                text = token_text(token)
+                choice.prompt_logprobs.append((text, logprob, self._top(top), offset))
+                offset += len(text)
+
+    def _top(self, top) -> dict | None:
+        if top is None:
+            return None
+        token_text = self.spec.tokenizer.token_text
+        return {token_text(t): lp for t, lp in top}
+
+    def _on_token(self, output: Token) -> ChoiceState:
+        now = time.monotonic()
+        metrics = self.spec.metrics
+        if self.first_token_at is None:
+            metrics.ttft.observe(now - self.arrival)
+            self.first_token_at = now
+        else:
+            metrics.itl.observe(now - self.last_token_at)
+        self.last_token_at = now
+        choice = self.choices[(output.uid, output.index)]
+        choice.text += output.text
+        choice.token_ids.append(output.token)
+        choice.cumulative_logprob += output.logprob
+        if self.want_logprobs:
+            text = self.spec.tokenizer.token_text(output.token)
+            choice.logprobs.append((text, output.logprob, self._top(output.top_logprobs), choice.offset))
+            choice.offset += len(text)
+        if output.finish is not None:
+            choice.finish_reason = output.finish.value
+        return choice
+
+    def _on_finished(self, output: Finished) -> list[ChoiceState]:
+        """Choices that ended without a last token (max_tokens 0): their reason comes with the request's."""
+        ended = []
+        for (uid, _), choice in self.choices.items():
+            if uid == output.uid and choice.finish_reason is None and output.reason is not FinishReason.ABORT:
+                choice.finish_reason = output.reason.value
+                ended.append(choice)
+        return ended
+
+    def _end(self, outcome: Finished | Failed) -> None:
+        """Metrics, once: at the end, or when the client left (`count_if_abandoned`)."""
+        if self.outcome is not None:
+            return
+        self.outcome = outcome
+        metrics = self.spec.metrics
+        metrics.prompt_tokens.inc(sum(len(p.ids) for p in self.prompts))
+        metrics.generation_tokens.inc(self.completion_tokens)
+        if isinstance(outcome, Finished):
+            metrics.finished.labels(finished_reason=outcome.reason.value).inc()
+            metrics.e2e.observe(time.monotonic() - self.arrival)
+        else:
+            metrics.failed.labels(code=outcome.code.value).inc()
+
+    def count_if_abandoned(self) -> None:
+        self._end(Finished(self.uid, FinishReason.ABORT, 0, 0))
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.choices.values())
+
+    def usage(self) -> dict:
+        prompt = sum(len(p.ids) for p in self.prompts)
+        return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
+                "total_tokens": prompt + self.completion_tokens}
+
+    # streaming ------------------------------------------------------------------------------------------
+    def _event(self, body: dict) -> str:
+        return f"data: {json.dumps(body)}\n\n"  # ASCII only: see the note in `_chunk`
+
+    def _chunk(self, choice: ChoiceState, text: str, logprobs: list | None, echo: bool = False) -> str:
+        # json.dumps writes ASCII: SSE splits lines at CR/LF alone, but common clients (requests' iter_lines)
+        # also split at U+0085, U+2028, U+001C..1E, which could otherwise appear raw inside generated text.
+        body = self.shape.chunk(self, choice, text, logprobs, echo)
+        if self.continuous_usage:
+            body["usage"] = self.usage()
+        return self._event(body)
+
+    def _echo(self, choice: ChoiceState) -> str | None:
+        if not self.echo or choice.echoed:
+            return None
+        choice.echoed = True
+        return self._chunk(choice, choice.prompt.text, choice.prompt_logprobs if self.want_logprobs else None, True)
+
+    async def stream(self, stream):
+        last = None
+        async for output in stream.outputs(tick=KEEPALIVE_SECONDS):
+            pieces: list[str | None] = []
+            if output is None:
+                pieces.append(": keep-alive\n\n")
+            elif isinstance(output, Progress):
+                if self.include_progress:
+                    pieces.append(f": prefill {output.layers_done}/{output.layers} layers, "
+                                  f"{output.prompt_tokens} prompt tokens\n\n")
+            elif isinstance(output, PromptLogprobs):
+                self._on_prompt(output)
+            elif isinstance(output, Token):
+                choice = self._on_token(output)
+                pieces.append(self._echo(choice))
+                piece = [choice.logprobs[-1]] if self.want_logprobs else None
+                pieces.append(self._chunk(choice, output.text, piece))
+            elif isinstance(output, Finished):
+                for choice in self._on_finished(output):
+                    pieces.append(self._echo(choice) or self._chunk(choice, "", None))
+                last = output
+            elif isinstance(output, Failed):  # as vLLM does: an error event, then [DONE]
+                last = output
+                pieces.append(self._event(APIError.from_failure(output).body()))
+            for piece in pieces:
+                if piece:
+                    yield piece
+            if isinstance(last, Failed):
+                break
+        if last is not None:
+            self._end(last)
+        if self.include_usage and isinstance(last, Finished):
+            body = self.shape.usage_chunk(self)
+            yield self._event(body)
+        yield "data: [DONE]\n\n"
+
+    # one body ---------------------------------------------------------------------------------------------
+    async def collect(self, stream, request: Request) -> Response:
+        final = None
+        abandoned = Finished(self.uid, FinishReason.ABORT, 0, 0)
+        async with self.spec.watch_disconnect(request, stream, abandoned):
+            async for output in stream.outputs():
+                if isinstance(output, PromptLogprobs):
+                    self._on_prompt(output)
+                elif isinstance(output, Token):
+                    self._on_token(output)
+                elif isinstance(output, Finished):
+                    if output.reason is FinishReason.ABORT:
+                        final = output
+                        break
+                    self._on_finished(output)
+                    final = output
+                elif isinstance(output, Failed):
+                    final = output
+                    break
+        if isinstance(final, Failed):
+            self._end(final)
+            return APIError.from_failure(final).response()
+        if final is None or final.reason is FinishReason.ABORT:  # the client is gone; nobody reads this
+            return APIError(499, "The request was cancelled.", code="cancelled").response()
+        self._end(final)
+        return JSONResponse(self.shape.body(self, self._answered()))
+
+    def _answered(self) -> list[ChoiceState]:
+        """The choices to answer: per prompt, the `keep` with the highest cumulative logprob (best_of)."""
+        answered = []
+        for i in range(len(self.prompts)):
+            mine = [c for (uid, _), c in self.choices.items() if uid == self.part(i)]
+            if self.keep < self.n:
+                mine = sorted(mine, key=lambda c: c.cumulative_logprob, reverse=True)[: self.keep]
+            for rank, choice in enumerate(mine):
+                choice.index = i * self.keep + rank
+            answered += mine
+        return answered
+
+
+# ---- the two response shapes -----------------------------------------------------------------------------
+class TextShape:
+    """/v1/completions: `text_completion` objects, OpenAI's legacy logprobs."""
+
+    def chunk(self, generation: Generation, choice: ChoiceState, text: str, logprobs: list | None,
+              echo: bool) -> dict:
+        # The prompt's chunk ends its choice only when nothing was generated (max_tokens 0).
+        finish = None if echo and choice.token_ids else choice.finish_reason
+        item = {"index": choice.index, "text": text, "logprobs": _text_logprobs(logprobs), "finish_reason": finish}
+        if generation.return_token_ids:
+            if echo:
+                item["prompt_token_ids"] = choice.prompt.ids
+            elif choice.token_ids:
+                item["token_ids"] = choice.token_ids[-1:]
+                if len(choice.token_ids) == 1 and not generation.echo:
+                    item["prompt_token_ids"] = choice.prompt.ids
+        return self._object(generation, [item], "text_completion")
+
+    def usage_chunk(self, generation: Generation) -> dict:
+        return {**self._object(generation, [], "text_completion"), "usage": generation.usage()}
+
+    def body(self, generation: Generation, choices: list[ChoiceState]) -> dict:
+        items = []
+        for choice in choices:
+            logprobs = None
+            if generation.want_logprobs:
+                logprobs = _text_logprobs((choice.prompt_logprobs if generation.echo else []) + choice.logprobs)
+            item = {"index": choice.index, "text": (choice.prompt.text if generation.echo else "") + choice.text,
+                    "logprobs": logprobs, "finish_reason": choice.finish_reason}
+            if generation.return_token_ids:
+                item.update(prompt_token_ids=choice.prompt.ids, token_ids=choice.token_ids)
+            items.append(item)
+        return {**self._object(generation, items, "text_completion"), "usage": generation.usage()}
+
+    @staticmethod
+    def _object(generation: Generation, choices: list, kind: str) -> dict:
+        return {"id": generation.uid, "object": kind, "created": generation.created,
+                "model": generation.spec.info.name, "choices": choices}
+
+
+def _text_logprobs(entries: list | None) -> dict | None:
+    if entries is None:
+        return None
+    return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries],
+            "top_logprobs": [e[2] for e in entries], "text_offset": [e[3] for e in entries]}
+
+
+class ChatShape:
+    """/v1/chat/completions: `chat.completion(.chunk)` objects with messages and deltas."""
+
+    def chunk(self, generation: Generation, choice: ChoiceState, text: str, logprobs: list | None,
+              echo: bool) -> dict:
+        delta = {"content": text}
+        if not choice.announced:  # the first chunk of a choice names the role
+            choice.announced = True
+            delta = {"role": "assistant", **delta}
+        item = {"index": choice.index, "delta": delta, "logprobs": _chat_logprobs(logprobs),
+                "finish_reason": choice.finish_reason}
+        if generation.return_token_ids and choice.token_ids:
+            item["token_ids"] = choice.token_ids[-1:]
+        return TextShape._object(generation, [item], "chat.completion.chunk")
+
+    def usage_chunk(self, generation: Generation) -> dict:
+        return {**TextShape._object(generation, [], "chat.completion.chunk"), "usage": generation.usage()}
+
+    def body(self, generation: Generation, choices: list[ChoiceState]) -> dict:
+        items = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                  "logprobs": _chat_logprobs(c.logprobs) if generation.want_logprobs else None,
+                  "finish_reason": c.finish_reason} for c in choices]
+        return {**TextShape._object(generation, items, "chat.completion"), "usage": generation.usage()}
+
+
+def _chat_logprobs(entries: list | None) -> dict | None:
+    if entries is None:
+        return None
+
+    def item(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {"content": [{**item(token, logprob), "top_logprobs": [item(t, lp) for t, lp in (top or {}).items()]}
+                        for token, logprob, top, _ in entries]}

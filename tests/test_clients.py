@@ -1,0 +1,325 @@
+"""Clients nobody here wrote, used as their users use them, against a real server on 127.0.0.1: the openai SDK
+(sync and async), LangChain's OpenAI LLM and embeddings, litellm, a benchmark-style SSE reader; and the API
+surface they rely on (prompt arrays, n and best_of, vLLM's sampling parameters, logprobs, chat, errors,
+/openapi.json, metrics)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from model import ByteTokenizer, SamplingParams, generate, load_model
+from server.protocol import ChatCompletionChunk, ChatCompletionResponse, CompletionResponse, EmbeddingResponse
+from tests.server_harness import API_KEY, RunningServer, tiny_checkpoint
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm would fetch a price list at import
+
+CONTEXT = 8192
+CHAT_TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("clients") / "tiny", context=CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    template = checkpoint.parent / "chat.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    running = RunningServer(checkpoint, "--max-running", "8", "--chat-template", str(template))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def local_model(checkpoint):
+    return load_model(checkpoint)
+
+
+def greedy_text(server, prompt, max_tokens: int) -> str:
+    with server.client() as client:
+        response = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens,
+                                                        "temperature": 0})
+    return response.json()["choices"][0]["text"]
+
+
+def strict_sse(response: httpx.Response) -> list:
+    """How vLLM's and similar benchmark clients read a stream: strip each network read, split it on blank
+    lines, drop messages that start with ':', parse the rest after 'data: '."""
+    events = []
+    for read in response.iter_raw():
+        text = read.decode().strip()
+        for message in filter(None, text.split("\n\n")):
+            if message.startswith(":"):
+                continue
+            data = message.removeprefix("data: ")
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+# ---- the openai SDK --------------------------------------------------------------------------------------
+def test_openai_sdk_prompt_arrays_n_and_usage(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+    result = client.completions.create(model="tiny", prompt=["first prompt", "second"], max_tokens=6, temperature=0,
+                                       n=2)
+    CompletionResponse.model_validate(result.model_dump())
+    assert [c.index for c in result.choices] == [0, 1, 2, 3]
+    for i, prompt in enumerate(["first prompt", "second"]):
+        expected = greedy_text(server, prompt, 6)
+        assert result.choices[2 * i].text == result.choices[2 * i + 1].text == expected
+    assert result.usage.prompt_tokens == len("first prompt") + len("second")
+    assert result.usage.completion_tokens == 4 * 6
+
+
+def test_openai_async_sdk_streams_chat_and_completions(server):
+    async def run():
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+        stream = await client.completions.create(model="tiny", prompt=["a", "b"], max_tokens=5, temperature=0,
+                                                 stream=True)
+        texts, finishes = {0: "", 1: ""}, {}
+        async for chunk in stream:
+            for choice in chunk.choices:
+                texts[choice.index] += choice.text
+                if choice.finish_reason:
+                    finishes[choice.index] = choice.finish_reason
+        chat = await client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                    max_tokens=5, temperature=0, stream=True,
+                                                    stream_options={"include_usage": True})
+        pieces, usage = [], None
+        async for chunk in chat:
+            ChatCompletionChunk.model_validate(chunk.model_dump())
+            pieces += [c.delta.content or "" for c in chunk.choices]
+            usage = chunk.usage or usage
+        return texts, finishes, "".join(pieces), usage
+
+    texts, finishes, chat_text, usage = asyncio.run(run())
+    assert texts == {0: greedy_text(server, "a", 5), 1: greedy_text(server, "b", 5)}
+    assert finishes == {0: "length", 1: "length"}
+    rendered = "<user>hi\n<assistant>"
+    assert chat_text == greedy_text(server, rendered, 5) and usage.prompt_tokens == len(rendered)
+
+
+def test_chat_completion_matches_the_rendered_prompt(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text",
+                                                                                       "text": "hello"}]}]
+    result = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                            logprobs=True, top_logprobs=2)
+    ChatCompletionResponse.model_validate(result.model_dump())
+    rendered = "<system>be brief\n<user>hello\n<assistant>"
+    assert result.choices[0].message.content == greedy_text(server, rendered, 8)
+    assert result.choices[0].message.role == "assistant" and result.choices[0].finish_reason == "length"
+    assert len(result.choices[0].logprobs.content) == 8
+    assert all(1 <= len(t.top_logprobs) <= 3 for t in result.choices[0].logprobs.content)
+
+
+def test_chat_without_a_template_is_a_clear_400(checkpoint, tmp_path):
+    bare = RunningServer(tiny_checkpoint(tmp_path / "bare"), api_key=None)
+    try:
+        response = httpx.post(f"{bare.url}/v1/chat/completions",
+                              json={"messages": [{"role": "user", "content": "hi"}]}, timeout=10)
+    finally:
+        bare.stop()
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "chat_template_missing"
+
+
+# ---- LangChain and litellm ----------------------------------------------------------------------------------
+def test_langchain_openai_llm_and_embeddings(server):
+    from langchain_openai import OpenAI, OpenAIEmbeddings
+
+    llm = OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, model="tiny", max_tokens=6, temperature=0,
+                 max_retries=0)
+    assert llm.invoke("hello") == greedy_text(server, "hello", 6)  # sent as "prompt": ["hello"]
+    assert llm.batch(["one", "two"]) == [greedy_text(server, "one", 6), greedy_text(server, "two", 6)]
+    assert "".join(llm.stream("hello")) == greedy_text(server, "hello", 6)
+    embeddings = OpenAIEmbeddings(base_url=f"{server.url}/v1", api_key=API_KEY, model="tiny",
+                                  check_embedding_ctx_length=False, max_retries=0)  # base64 on the wire
+    vectors = embeddings.embed_documents(["a document", "another"])
+    with server.client() as client:
+        plain = client.post("/v1/embeddings", json={"input": ["a document", "another"]}).json()
+    EmbeddingResponse.model_validate(plain)
+    assert np.allclose(vectors, [d["embedding"] for d in plain["data"]], atol=1e-6)
+
+
+def test_litellm_text_completion_streaming_and_embeddings(server):
+    import litellm
+
+    common = dict(model="hosted_vllm/tiny", api_base=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+    result = litellm.text_completion(prompt=["one", "two"], max_tokens=5, temperature=0, **common)
+    assert [c.text for c in result.choices] == [greedy_text(server, "one", 5), greedy_text(server, "two", 5)]
+    pieces = [chunk.choices[0].text or "" for chunk in
+              litellm.text_completion(prompt="one", max_tokens=5, temperature=0, stream=True, **common)]
+    assert "".join(pieces) == greedy_text(server, "one", 5)
+    vectors = litellm.embedding(input=["a", "b"], **{**common, "model": "openai/tiny"})
+    assert len(vectors.data) == 2 and len(vectors.data[0]["embedding"]) == 64
+
+
+# ---- a benchmark client's strict stream reader -------------------------------------------------------------
+def test_strict_sse_readers_see_every_event_over_long_prompts(server):
+    """vLLM's benchmark payload (it always sends repetition_penalty), prompts long enough for a multi-layer
+    prefill: every stream's text is the greedy text, and every token arrived."""
+    prompts = ["w" * 3000, "q" * 2500, "short"]
+    for prompt in prompts:
+        payload = {"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0.0, "stream": True,
+                   "repetition_penalty": 1.0, "ignore_eos": True, "stream_options": {"include_usage": True,
+                                                                                     "continuous_usage_stats": True}}
+        with server.client() as client, client.stream("POST", "/v1/completions", json=payload) as response:
+            events = strict_sse(response)
+        assert events[-1] == "[DONE]"
+        chunks = [e for e in events[:-1] if e["choices"]]
+        assert len(chunks) == 8 and chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert [c["usage"]["completion_tokens"] for c in chunks] == list(range(1, 9))
+        assert "".join(c["choices"][0]["text"] for c in chunks) == greedy_text(server, prompt, 8)
+
+
+# ---- n, best_of -----------------------------------------------------------------------------------------------
+def test_n_choices_share_one_prefill_of_a_long_prompt(server):
+    prompt = "p" * 4000
+    before = server.metric("reformer:prefill_tokens_total")
+    with server.client() as client:
+        body = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 6, "temperature": 0,
+                                                    "n": 4}).json()
+    assert server.metric("reformer:prefill_tokens_total") - before == 4000  # read once, not four times
+    texts = [c["text"] for c in body["choices"]]
+    assert texts == [greedy_text(server, prompt, 6)] * 4
+
+
+def test_seeded_choices_differ_and_repeat_and_best_of_keeps_the_likeliest(server):
+    request = {"prompt": "seeded", "max_tokens": 8, "temperature": 1.0, "seed": 5, "logprobs": 0}
+    with server.client() as client:
+        three = client.post("/v1/completions", json={**request, "n": 3}).json()["choices"]
+        again = client.post("/v1/completions", json={**request, "n": 3}).json()["choices"]
+        best = client.post("/v1/completions", json={**request, "n": 1, "best_of": 3}).json()["choices"]
+    assert [c["text"] for c in three] == [c["text"] for c in again]
+    assert len({c["text"] for c in three}) > 1
+    likeliest = max(three, key=lambda c: sum(c["logprobs"]["token_logprobs"]))
+    assert len(best) == 1 and best[0]["text"] == likeliest["text"] and best[0]["index"] == 0
+
+
+# ---- vLLM's sampling parameters ---------------------------------------------------------------------------------
+def reference_next_token(logits, prompt, generated, presence, frequency, repetition, bias):
+    """vLLM's rules written out one token at a time (the bias first, then the repetition penalty on prompt
+    and generated tokens, then frequency and presence on generated ones), then greedy."""
+    scores = logits.tolist()
+    for token in range(len(scores)):
+        scores[token] += bias.get(token, 0.0)
+        if token in prompt or token in generated:
+            scores[token] = scores[token] / repetition if scores[token] > 0 else scores[token] * repetition
+        count = generated.count(token)
+        scores[token] -= frequency * count + presence * (count > 0)
+    return max(range(len(scores)), key=scores.__getitem__)
+
+
+def test_penalties_and_logit_bias_follow_a_reference(server, local_model):
+    import torch
+
+    prompt = ByteTokenizer().encode("penalise repeats")
+    bias = {ord("e") + 2: 3.0, ord(" ") + 2: -4.0}
+    request = {"prompt": prompt, "max_tokens": 12, "temperature": 0, "presence_penalty": 0.7,
+               "frequency_penalty": 0.4, "repetition_penalty": 1.3, "logit_bias": {str(k): v for k, v in bias.items()},
+               "return_token_ids": True}
+    with server.client() as client:
+        tokens = client.post("/v1/completions", json=request).json()["choices"][0]["token_ids"]
+    generated = []
+    for token in tokens:
+        with torch.no_grad():
+            logits = local_model(torch.tensor([prompt + generated]))[0, -1]
+        assert token == reference_next_token(logits, prompt, generated, 0.7, 0.4, 1.3, bias)
+        generated.append(token)
+    plain = generate(local_model, [prompt], SamplingParams(max_tokens=12, temperature=0))[0].token_ids
+    assert tokens != plain  # the penalties changed something
+
+
+def test_min_tokens_allowed_tokens_and_stop_strings_in_output(server):
+    allowed = [ord(c) + 2 for c in "ab"]
+    with server.client() as client:
+        only_ab = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 10, "temperature": 1.0,
+                                                       "seed": 3, "allowed_token_ids": allowed}).json()
+        free = greedy_text(server, "stop here", 20)
+        stop = free[5:7]
+        kept = client.post("/v1/completions", json={"prompt": "stop here", "max_tokens": 20, "temperature": 0,
+                                                     "stop": [stop], "include_stop_str_in_output": True}).json()
+        # Token 4 is favoured by +100 and is a stop token: without min_tokens it would end the text at once.
+        favoured = {"prompt": [5], "max_tokens": 6, "temperature": 0, "stop_token_ids": [4], "logit_bias": {"4": 100},
+                    "allowed_token_ids": [4, 9], "return_token_ids": True}
+        at_once = client.post("/v1/completions", json=favoured).json()["choices"][0]
+        later = client.post("/v1/completions", json={**favoured, "min_tokens": 3}).json()["choices"][0]
+    assert set(only_ab["choices"][0]["text"]) <= set("ab")
+    assert kept["choices"][0]["text"] == free[: free.index(stop) + len(stop)]
+    assert kept["choices"][0]["finish_reason"] == "stop"
+    assert at_once["token_ids"] == [4] and at_once["finish_reason"] == "stop"
+    assert later["token_ids"] == [9, 9, 9, 4] and later["finish_reason"] == "stop"
+
+
+# ---- logprobs ---------------------------------------------------------------------------------------------------
+def test_logprobs_offsets_count_with_stop_and_echo(server):
+    with server.client() as client:
+        plain = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 8, "temperature": 0,
+                                                     "logprobs": 1}).json()["choices"][0]["logprobs"]
+        stopped = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 8, "temperature": 0,
+                                                       "logprobs": 1, "stop": "\x7f never"}).json()
+        echoed = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 8, "temperature": 0,
+                                                      "logprobs": 1, "echo": True}).json()["choices"][0]["logprobs"]
+    lengths = [len(t) for t in plain["tokens"]]
+    expected = [sum(lengths[:i]) for i in range(8)]
+    assert plain["text_offset"] == expected
+    assert stopped["choices"][0]["logprobs"]["text_offset"] == expected
+    assert echoed["text_offset"] == [0, 1, 2] + [3 + o for o in expected]
+
+
+def test_top_logprobs_hold_the_sampled_token_and_zero_means_it_alone(server):
+    with server.client() as client:
+        sampled = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 30, "temperature": 2.0,
+                                                       "seed": 1, "logprobs": 1}).json()["choices"][0]["logprobs"]
+        zero = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 5, "temperature": 0,
+                                                    "logprobs": 0}).json()["choices"][0]["logprobs"]
+    for token, top in zip(sampled["tokens"], sampled["top_logprobs"]):
+        assert token in top and 1 <= len(top) <= 2
+    assert any(len(top) == 2 for top in sampled["top_logprobs"])  # a token that was not the likeliest
+    assert all(list(top) == [token] for token, top in zip(zero["tokens"], zero["top_logprobs"]))
+
+
+# ---- the API surface ---------------------------------------------------------------------------------------------
+def test_unknown_routes_and_methods_answer_openai_errors(server):
+    missing = httpx.get(f"{server.url}/v1/nothing", timeout=10)
+    wrong = httpx.get(f"{server.url}/v1/completions", timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+    assert wrong.headers["allow"] == "POST"
+
+
+def test_openapi_documents_every_post_body_and_docs_need_no_internet(server):
+    schema = httpx.get(f"{server.url}/openapi.json", timeout=10).json()
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize", "/detokenize"):
+        operation = schema["paths"][path]["post"]
+        request = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+        response = operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+        assert schema["components"]["schemas"][request]["properties"]
+        assert schema["components"]["schemas"][response]["properties"]
+    assert "temperature" in schema["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert httpx.get(f"{server.url}/docs", timeout=10).status_code == 404  # its scripts would come from a CDN
+
+
+def test_metrics_name_the_model_and_count_tokens_of_abandoned_streams(server):
+    before = server.metric('vllm:generation_tokens_total{model_name="tiny"}')
+    payload = {"prompt": "abandon", "max_tokens": 2000, "temperature": 0, "stream": True}
+    with server.client() as client, client.stream("POST", "/v1/completions", json=payload) as response:
+        received = 0
+        for line in response.iter_lines():
+            received += line.startswith("data: {")
+            if received == 5:
+                break
+    deadline = time.monotonic() + 10
+    while server.metric('vllm:generation_tokens_total{model_name="tiny"}') - before < 5:
+        assert time.monotonic() < deadline, "the abandoned stream's tokens were not counted"
+        time.sleep(0.1)
+    assert server.metric('vllm:request_success_total{model_name="tiny",finished_reason="abort"}') >= 1
