@@ -149,6 +149,26 @@ def choices_section(result: dict) -> list[str]:
     return lines + [""]
 
 
+def fuzz_section(result: dict) -> list[str]:
+    statuses = ", ".join(f"{status}: {count:,}" for status, count in result["statuses"].items())
+    routes = ", ".join(f"`{route}` {count:,}" for route, count in result["routes"].items())
+    verdict = "none" if result["server_errors"] == 0 else f"**{result['server_errors']}**"
+    lines = [
+        *_heading(result),
+        f"{result['tool']}, {result['examples_per_operation']} examples per operation and phase, seed "
+        f"{result['seed']}, server `{result['server_args']}`: **{result['requests']:,} requests** in "
+        f"{result['seconds']:,.0f} s. Server errors (5xx): "
+        f"{verdict}. A normal completion afterwards: {result['normal_request_after']}.",
+        "",
+        f"Statuses: {statuses}.",
+        "",
+        f"Requests per route: {routes}.",
+    ]
+    if result["failures"]:
+        lines += ["", f"schemathesis reported: {result['failures']}"]
+    return lines + [""]
+
+
 def loadtest_section(result: dict) -> list[str]:
     gates = ", ".join(f"{k.removeprefix('sla_').replace('_', ' ')} ≤ {v}" for k, v in result["gates"].items())
     lines = [f"### {result['device'].upper()} ({result['machine']}) — {result['date'][:10]}", "",
@@ -268,6 +288,11 @@ SECTIONS = [
      "`python -m bench.bench_choices`: the server's engine in-process; `n` copies the prompt's cache (keys, "
      "values, LSH bucket indexes) into n decode slots instead of computing the prompt n times.",
      True),
+    ("fuzz", fuzz_section,
+     "## Schema-driven fuzzing of the HTTP API",
+     "`python -m bench.fuzz_server`: schemathesis generates bodies for every POST route from `/openapi.json` "
+     "(valid and invalid ones) against the embedded default model on 127.0.0.1; a server error (5xx) fails.",
+     False),
     ("export", export_section,
      "## ONNX: onnxruntime vs PyTorch eager",
      "`python -m bench.bench_export`: the core benchmark's model exported (`python -m export`) and run by "

@@ -16,7 +16,8 @@ from contextlib import asynccontextmanager
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import __version__, lifecycle, metrics, openapi
+from . import __version__, lifecycle, metrics, openapi, security
+from .http_limits import guarded_protocol
 from .settings import ServerSettings
 
 log = logging.getLogger("server")
@@ -47,6 +48,7 @@ def build_server(settings: ServerSettings):
     _take_signals_in_http_processes(server, shared)
     server.app.add_exception_handler(StarletteHTTPException, _openai_error)
     openapi.document(server.app, title="Reformer inference server", version=__version__)
+    security.secure(server.app, settings.api_key, settings.cors_allow_origin or [])
     return server, shared
 
 
@@ -81,7 +83,9 @@ def run(settings: ServerSettings) -> None:
              settings.model_path, settings.resolved_device(), settings.backend, settings.host, settings.port)
     supervisor = lifecycle.Supervisor(server, shared, settings.drain_timeout)
     supervisor.install()
+    protocol = guarded_protocol(header_timeout=settings.header_timeout, max_connections=settings.max_connections)
     server.run(host=settings.host, port=settings.port, num_api_servers=settings.api_servers,
-               generate_client_file=False, log_level=settings.log_level.lower(), timeout_keep_alive=30)
+               generate_client_file=False, log_level=settings.log_level.lower(), timeout_keep_alive=30,
+               http=protocol, h11_max_incomplete_event_size=settings.max_header_bytes)
     log.info("stopped")
     sys.exit(supervisor.exit_code)

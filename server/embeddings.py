@@ -72,7 +72,8 @@ class EmbeddingsRoute:
         if chunking and not (1 <= chunking.size <= maximum and 0 <= chunking.overlap < chunking.size):
             raise APIError(400, f"'chunking.size' must be in 1..{maximum} and 'chunking.overlap' in "
                                 "0..size-1.", param="chunking", code="invalid_value")
-        documents, spans = [], []
+        encoded = []
+        chunks = tokens = 0
         for index, item in enumerate(inputs):
             ids = spec.tokenizer.encode(item) if isinstance(item, str) else list(item)
             if not isinstance(item, str):
@@ -83,13 +84,34 @@ class EmbeddingsRoute:
                 raise APIError(400, f"input {index} has {len(ids)} tokens; this model's maximum context length is "
                                     f"{maximum} tokens. Ask for server-side chunking with 'chunking': "
                                     "{\"size\": N}.", param="input", code="context_length_exceeded")
-            step = (chunking.size - chunking.overlap) if chunking else len(ids)
+            count, covered = _chunk_counts(len(ids), chunking)
+            chunks, tokens = chunks + count, tokens + covered
+            encoded.append(ids)
+        # Checked by arithmetic before a single chunk is cut: overlapping chunks multiply the tokens.
+        self._check_chunk_limits(body, chunks, tokens)
+        documents, spans = [], []
+        for ids in encoded:
             size = chunking.size if chunking else len(ids)
-            starts = range(0, max(1, len(ids) - size + step), step)
-            pieces = [(s, min(s + size, len(ids))) for s in starts]
+            step = size - chunking.overlap if chunking else size
+            pieces = [(start, min(start + size, len(ids))) for start in range(0, max(1, len(ids) - size + step), step)]
             spans.append(pieces)
             documents.extend(ids[s:e] for s, e in pieces)
         return documents, spans
+
+    def _check_chunk_limits(self, body: EmbeddingRequest, chunks: int, tokens: int) -> None:
+        queue = self.spec.settings.max_queued_tokens
+        if chunks > protocol.MAX_EMBEDDING_CHUNKS:
+            raise APIError(400, f"These inputs make {chunks} chunks; at most {protocol.MAX_EMBEDDING_CHUNKS} per "
+                                "request (use a larger 'chunking.size' or a smaller overlap).", param="chunking",
+                           code="too_many_chunks")
+        if body.chunking and body.chunking.return_chunks and chunks > protocol.MAX_RETURNED_CHUNKS:
+            raise APIError(400, f"'return_chunks' would return {chunks} vectors; at most "
+                                f"{protocol.MAX_RETURNED_CHUNKS} per request.", param="chunking",
+                           code="too_many_chunks")
+        if tokens > queue:
+            raise APIError(400, f"These inputs make {tokens} tokens after chunking; this server admits at most "
+                                f"{queue} tokens at once (--max-queued-tokens), so it can never be served.",
+                           param="input", code="exceeds_queue_limit")
 
     def _body(self, body: EmbeddingRequest, vectors: np.ndarray, spans: Spans, tokens: int) -> dict:
         data, row = [], 0
@@ -114,6 +136,16 @@ class EmbeddingsRoute:
             data.append(item)
         return {"object": "list", "data": data, "model": self.spec.info.name,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def _chunk_counts(length: int, chunking) -> tuple[int, int]:
+    """How many chunks a document of `length` tokens makes, and how many tokens they hold in all."""
+    if chunking is None or length <= chunking.size:
+        return 1, length
+    step = chunking.size - chunking.overlap
+    count = -(-(length - chunking.size) // step) + 1
+    last = min(chunking.size, length - (count - 1) * step)
+    return count, (count - 1) * chunking.size + last
 
 
 def _encode_vector(vector: np.ndarray, normalize: bool, encoding: str):

@@ -16,15 +16,24 @@ from model.sampling import (MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENALTY, MAX_SEED,
 
 # A JSON number (an integer is accepted as a float); strings, booleans, NaN and infinities are refused.
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+# Bounds on what one request may ask for, so that no parameter costs more than its bytes are worth.
 MAX_STOP_STRINGS = 4
+MAX_STOP_LENGTH = 256  # characters: streamed text is held back by the longest stop string
+MAX_TOKEN_ID_LIST = 1024  # stop_token_ids, logit_bias entries
+MAX_ALLOWED_TOKEN_IDS = 1 << 18
 MAX_CHOICES = 16  # n and best_of (each choice holds a decode slot)
+MAX_PROMPTS = 256  # prompts in one completion request
+MAX_MESSAGES = 2048
+MAX_EMBEDDING_CHUNKS = 4096  # documents one embedding request becomes after chunking
+MAX_RETURNED_CHUNKS = 1024  # chunk vectors returned with return_chunks
 
 
 class APIError(Exception):
     """An error answered with the OpenAI error body {"error": {"message", "type", "param", "code"}}."""
 
     TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-             405: "invalid_request_error",
+             405: "invalid_request_error", 408: "invalid_request_error", 415: "invalid_request_error",
+             499: "invalid_request_error",
              413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error",
              504: "timeout_error"}
     # Statuses the openai SDK retries (it honours this header): a request that ran out of its own time
@@ -62,7 +71,7 @@ class StreamOptions(_Strict):
     include_progress: StrictBool = False  # extension: ": prefill k/n layers" comments while a long prompt is read
 
 
-TokenIds = list[Annotated[StrictInt, Field(ge=0)]]
+TokenId = Annotated[StrictInt, Field(ge=0)]
 
 
 class SamplingFields(_Strict):
@@ -75,8 +84,9 @@ class SamplingFields(_Strict):
     min_p: Annotated[Number, Field(ge=0, le=1)] = 0.0  # vLLM
     seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None = None
     n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] = 1
-    stop: StrictStr | list[StrictStr] | None = None
-    stop_token_ids: TokenIds | None = None  # vLLM
+    stop: Annotated[StrictStr, Field(max_length=MAX_STOP_LENGTH)] | Annotated[
+        list[Annotated[StrictStr, Field(max_length=MAX_STOP_LENGTH)]], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_TOKEN_ID_LIST)] | None = None  # vLLM
     ignore_eos: StrictBool = False  # vLLM
     min_tokens: Annotated[StrictInt, Field(ge=0)] = 0  # vLLM
     include_stop_str_in_output: StrictBool = False  # vLLM
@@ -85,8 +95,9 @@ class SamplingFields(_Strict):
     presence_penalty: Annotated[Number, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)] = 0.0
     frequency_penalty: Annotated[Number, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)] = 0.0
     repetition_penalty: Annotated[Number, Field(gt=0, le=MAX_PENALTY)] = 1.0  # vLLM
-    logit_bias: dict[str, Annotated[Number, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = None
-    allowed_token_ids: TokenIds | None = None  # vLLM
+    logit_bias: Annotated[dict[str, Annotated[Number, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]],
+                          Field(max_length=MAX_TOKEN_ID_LIST)] | None = None
+    allowed_token_ids: Annotated[list[TokenId], Field(max_length=MAX_ALLOWED_TOKEN_IDS)] | None = None  # vLLM
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     return_token_ids: StrictBool = False  # vLLM
@@ -124,7 +135,8 @@ class SamplingFields(_Strict):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
+    prompt: StrictStr | list[StrictInt] | Annotated[list[StrictStr], Field(max_length=MAX_PROMPTS)] | Annotated[
+        list[list[StrictInt]], Field(max_length=MAX_PROMPTS)]
     max_tokens: Annotated[StrictInt, Field(ge=0)] | None = 16
     best_of: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] | None = None
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
@@ -150,7 +162,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     logprobs: StrictBool = False
@@ -192,11 +204,23 @@ class DetokenizeRequest(_Strict):
 
 
 def parse(schema: type[BaseModel], body: bytes) -> BaseModel:
-    """JSON body -> schema instance, or an APIError naming the offending parameter."""
+    """JSON body -> schema instance, or an APIError naming the offending parameter. Whatever the bytes, the
+    answer is a 400, never a server error: invalid UTF-8, lone surrogates (valid JSON escapes that no text
+    encoding can write), integers of thousands of digits, nesting too deep to parse."""
     try:
         data = json.loads(body)
+        if b"\\u" in body:  # only escapes can make a lone surrogate: check the decoded strings then
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise APIError(400, f"the request body is not valid JSON ({error})", code="invalid_json") from None
+    except UnicodeEncodeError:
+        raise APIError(400, "the request body holds an unpaired UTF-16 surrogate (a \\ud800-\\udfff escape "
+                            "without its pair), which is not text", code="invalid_json") from None
+    except ValueError as error:  # int() refuses more than 4300 digits
+        raise APIError(400, f"the request body holds a number that cannot be read ({error})",
+                       code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     try:

@@ -34,6 +34,11 @@ class ServerSettings:
     prefill_batch_tokens: int = 65536  # padded tokens in one batched prefill or embedding forward
     request_timeout: float = 600.0  # seconds from arrival; X-Request-Timeout may lower it
     max_body_bytes: int = 8 << 20
+    body_timeout: float = 30.0  # seconds to receive a request's whole body
+    max_header_bytes: int = 64 << 10
+    header_timeout: float = 10.0  # seconds to receive a request's headers
+    max_connections: int = 2048  # open connections per HTTP process; one more is closed at once
+    cors_allow_origin: list[str] | None = None  # origins a browser may call from; none: no CORS headers
     max_embedding_inputs: int = 256
     drain_timeout: float = 30.0  # seconds SIGTERM waits for in-flight requests
     tail_capacity: int = 64
@@ -90,6 +95,9 @@ def _defaults_from_environment(parser: argparse.ArgumentParser) -> None:
             continue
         value = os.environ.get(ENV_PREFIX + action.dest.upper())
         if value is not None:
+            if isinstance(action, argparse._AppendAction):  # a list: REFORMER_CORS_ALLOW_ORIGIN=https://a,https://b
+                parser.set_defaults(**{action.dest: value.split(",")})
+                continue
             try:
                 parser.set_defaults(**{action.dest: action.type(value) if action.type else value})
             except ValueError:
@@ -121,6 +129,15 @@ def parse_args(argv: list[str] | None = None) -> ServerSettings:
     parser.add_argument("--prefill-batch-tokens", type=int, default=defaults.prefill_batch_tokens)
     parser.add_argument("--request-timeout", type=float, default=defaults.request_timeout)
     parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
+    parser.add_argument("--body-timeout", type=float, default=defaults.body_timeout,
+                        help="seconds to receive a request's body (408 after)")
+    parser.add_argument("--max-header-bytes", type=int, default=defaults.max_header_bytes)
+    parser.add_argument("--header-timeout", type=float, default=defaults.header_timeout,
+                        help="seconds to receive a request's headers (the connection is closed after)")
+    parser.add_argument("--max-connections", type=int, default=defaults.max_connections,
+                        help="open connections per HTTP process")
+    parser.add_argument("--cors-allow-origin", action="append",
+                        help="an origin browsers may call from (repeat it; default: no CORS)")
     parser.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout)
     parser.add_argument("--api-servers", type=int, default=defaults.api_servers,
                         help="uvicorn processes (limits are enforced per process)")
@@ -130,7 +147,7 @@ def parse_args(argv: list[str] | None = None) -> ServerSettings:
     settings = ServerSettings(**{k: v for k, v in vars(args).items() if v is not None})
     settings.api_key = settings.api_key or None
     for name in ("max_running", "max_queued_requests", "max_queued_tokens", "prefill_batch_tokens", "port",
-                 "api_servers", "max_model_len", "kv_cache_bytes"):
+                 "api_servers", "max_model_len", "kv_cache_bytes", "max_header_bytes", "max_connections"):
         if getattr(settings, name) is not None and getattr(settings, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return settings
