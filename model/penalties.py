@@ -99,4 +99,6 @@ class LogitsAdjuster:
         repetition = self.repetition[index][:, None]
         seen = self.in_prompt[index] | (counts > 0)
         x = torch.where(seen, torch.where(x > 0, x / repetition, x * repetition), x)
-        return x - self.frequency[index][:, None] * counts - self.presence[index][:, None] * (counts > 0)
+        x = x - self.frequency[index][:, None] * counts - self.presence[index][:, None] * (counts > 0)
+        # A tiny repetition penalty divides a logit into +inf; the likeliest stays the likeliest, finite.
+        return torch.nan_to_num(x, nan=float("-inf"), posinf=torch.finfo(x.dtype).max)

@@ -79,6 +79,9 @@ class SamplingParams:
             ("min_p", _number(self.min_p) and 0.0 <= self.min_p <= 1.0, "a number in [0, 1]"),
             ("min_tokens", _integer(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
              "an integer in [0, max_tokens]"),
+            ("allowed_token_ids", not (self.min_tokens and self.allowed_token_ids is not None
+                                       and set(self.allowed_token_ids) <= set(self.stop_token_ids)),
+             "a list with a token that is not a stop token while min_tokens holds them back"),
         )
         for name, ok, expected in checks:
             if not ok:
@@ -138,10 +141,12 @@ class Sampler:
         params = self.params
         logprobs = torch.log_softmax(logits, dim=-1)
         scores = logits if adjusted is None else adjusted
+        if not torch.isfinite(scores.max()):
+            raise ValueError("no token can be drawn: the penalties, biases and allowed tokens exclude them all")
         if params.greedy:
             token = int(torch.argmax(scores))
         else:
-            scores = scores / params.temperature
+            scores = (scores - scores.max()) / params.temperature  # shifted first: no overflow to inf
             if params.top_k and params.top_k < scores.shape[-1]:
                 kth = torch.topk(scores, params.top_k).values[-1]
                 scores = scores.masked_fill(scores < kth, float("-inf"))
