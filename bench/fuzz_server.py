@@ -2,7 +2,7 @@
 
     python -m bench.fuzz_server [--examples 300] [--seed 1]
 
-Starts `python -m server` (the embedded default model, with an API key, its context cut to 1,024 tokens so
+Starts `python -m server` (the embedded default model, with an API key, its context cut to 256 tokens so
 that a generated `max_tokens: null` finishes in seconds) on 127.0.0.1, runs schemathesis
 with the check that no answer is a server error, counts the requests and their statuses from its HAR
 report, then checks that a normal request still succeeds. Writes bench/results/fuzz-<device>.json;
@@ -32,11 +32,11 @@ KEY = "fuzz-key"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, default=100, help="examples per operation and phase")
+    parser.add_argument("--examples", type=int, default=60, help="examples per operation and phase")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
-        server = ServerProcess(None, "--log-level", "warning", "--max-model-len", "1024", api_key=KEY,
+        server = ServerProcess(None, "--log-level", "warning", "--max-model-len", "256", api_key=KEY,
                                log_path=Path(scratch) / "server.log")
         try:
             har = Path(scratch) / "requests.har"
@@ -60,7 +60,8 @@ def main() -> None:
         "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)", "device_type": "cpu",
         "tool": "schemathesis " + subprocess.run([command[0], "--version"], capture_output=True,
                                                  text=True).stdout.split()[-1],
-        "examples_per_operation": args.examples, "server_args": "--max-model-len 1024", "seed": args.seed, "requests": len(entries),
+        "examples_per_operation": args.examples, "server_args": "--max-model-len 256", "seed": args.seed,
+        "requests": len(entries),
         "seconds": round(seconds, 1), "statuses": dict(sorted(statuses.items())), "routes": dict(routes),
         "server_errors": sum(n for status, n in statuses.items() if status.startswith("5")),
         "schemathesis_exit": run.returncode, "failures": failures.group(1).strip() if failures else "",
