@@ -9,6 +9,7 @@ dying ends the server with exit code 1.
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import time
 from contextlib import asynccontextmanager
@@ -24,8 +25,9 @@ log = logging.getLogger("server")
 
 
 def build_server(settings: ServerSettings):
-    """The LitServer and the state its processes share."""
-    metrics.prepare_directory()  # before prometheus_client is imported
+    """The LitServer, the state its processes share, and the metrics directory to remove at exit (if it
+    was made here)."""
+    metrics_dir, made = metrics.prepare_directory()  # before prometheus_client is imported
     import litserve as ls
 
     from .spec import ModelInfo, OpenAISpec
@@ -49,7 +51,7 @@ def build_server(settings: ServerSettings):
     server.app.add_exception_handler(StarletteHTTPException, _openai_error)
     openapi.document(server.app, title="Reformer inference server", version=__version__)
     security.secure(server.app, settings.api_key, settings.cors_allow_origin or [])
-    return server, shared
+    return server, shared, metrics_dir if made else None
 
 
 async def _openai_error(request, error: StarletteHTTPException):
@@ -78,14 +80,18 @@ def _take_signals_in_http_processes(server, shared: lifecycle.SharedState) -> No
 
 def run(settings: ServerSettings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server, shared = build_server(settings)
+    server, shared, temporary_metrics = build_server(settings)
     log.info("serving %s from %s on %s with the %s backend at http://%s:%d", settings.model_name,
              settings.model_path, settings.resolved_device(), settings.backend, settings.host, settings.port)
     supervisor = lifecycle.Supervisor(server, shared, settings.drain_timeout)
     supervisor.install()
     protocol = guarded_protocol(header_timeout=settings.header_timeout, max_connections=settings.max_connections)
-    server.run(host=settings.host, port=settings.port, num_api_servers=settings.api_servers,
-               generate_client_file=False, log_level=settings.log_level.lower(), timeout_keep_alive=30,
-               http=protocol, h11_max_incomplete_event_size=settings.max_header_bytes)
+    try:
+        server.run(host=settings.host, port=settings.port, num_api_servers=settings.api_servers,
+                   generate_client_file=False, log_level=settings.log_level.lower(), timeout_keep_alive=30,
+                   http=protocol, h11_max_incomplete_event_size=settings.max_header_bytes)
+    finally:
+        if temporary_metrics:  # each start made one in /tmp: they piled up
+            shutil.rmtree(temporary_metrics, ignore_errors=True)
     log.info("stopped")
     sys.exit(supervisor.exit_code)

@@ -1,4 +1,5 @@
-"""The HTTP process's end of the engine: the one module that knows how LitServe's queues carry our messages.
+"""How the HTTP processes and the engine worker talk: the one module that knows LitServe's queue layout (the
+worker's few helpers first, then the HTTP process's `EngineClient`).
 
 Requests go into LitServe's request queue as `(response_queue_id, uid, time, message)`; the worker sends the
 outputs of each engine iteration back as one message per HTTP process under the response-buffer key

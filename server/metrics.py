@@ -15,15 +15,18 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-def prepare_directory(path: str | None = None) -> str:
-    """Choose (and empty) the directory where every process writes its metric files."""
-    path = path or os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="reformer-metrics-")
+def prepare_directory(path: str | None = None) -> tuple[str, bool]:
+    """Choose (and empty) the directory where every process writes its metric files; whether it was made
+    here (and is the caller's to remove at exit)."""
+    path = path or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    made = path is None
+    path = path or tempfile.mkdtemp(prefix="reformer-metrics-")
     os.makedirs(path, exist_ok=True)
     for name in os.listdir(path):
         if name.endswith(".db"):
             os.remove(os.path.join(path, name))
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
-    return path
+    return path, made
 
 
 class Metrics:
