@@ -290,15 +290,15 @@ def test_top_logprobs_hold_the_sampled_token_and_zero_means_it_alone(server):
 
 # ---- the API surface ---------------------------------------------------------------------------------------------
 def test_unknown_routes_and_methods_answer_openai_errors(server):
-    missing = httpx.get(f"{server.url}/v1/nothing", timeout=10)
-    wrong = httpx.get(f"{server.url}/v1/completions", timeout=10)
+    missing = httpx.get(f"{server.url}/v1/nothing", headers=server.headers, timeout=10)
+    wrong = httpx.get(f"{server.url}/v1/completions", headers=server.headers, timeout=10)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
     assert wrong.headers["allow"] == "POST"
 
 
 def test_openapi_documents_every_post_body_and_docs_need_no_internet(server):
-    schema = httpx.get(f"{server.url}/openapi.json", timeout=10).json()
+    schema = httpx.get(f"{server.url}/openapi.json", headers=server.headers, timeout=10).json()
     for path in ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize", "/detokenize"):
         operation = schema["paths"][path]["post"]
         request = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
@@ -306,7 +306,7 @@ def test_openapi_documents_every_post_body_and_docs_need_no_internet(server):
         assert schema["components"]["schemas"][request]["properties"]
         assert schema["components"]["schemas"][response]["properties"]
     assert "temperature" in schema["components"]["schemas"]["CompletionRequest"]["properties"]
-    assert httpx.get(f"{server.url}/docs", timeout=10).status_code == 404  # its scripts would come from a CDN
+    assert httpx.get(f"{server.url}/docs", headers=server.headers, timeout=10).status_code == 404  # CDN scripts
 
 
 def test_metrics_name_the_model_and_count_tokens_of_abandoned_streams(server):
