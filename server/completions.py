@@ -49,8 +49,6 @@ def engine_requests(spec, body: SamplingFields, generation: Generation, *, max_t
         raise APIError(400, f"{generation.n} choices need as many decode slots; this server has "
                             f"{spec.settings.max_running} (--max-running).", param="n", code="invalid_value")
     stop = tuple(body.stop_strings())
-    spec.check_token_ids(body.stop_token_ids or [], "stop_token_ids")
-    spec.check_token_ids(body.allowed_token_ids or [], "allowed_token_ids")
     requests = []
     for i, prompt in enumerate(generation.prompts):
         if len(prompt.ids) > maximum:
@@ -58,10 +56,11 @@ def engine_requests(spec, body: SamplingFields, generation: Generation, *, max_t
         tokens = maximum - len(prompt.ids) if max_tokens is None else max_tokens
         if len(prompt.ids) + tokens > maximum:
             raise protocol.context_error(maximum, len(prompt.ids), tokens, param="max_tokens")
+        params = body.sampling_params(tokens, logprobs, spec.info.vocab_size)
         requests.append(GenerateRequest(
-            uid=generation.part(i), prompt_ids=tuple(prompt.ids), params=body.sampling_params(tokens, logprobs),
-            stop=stop, prompt_logprobs=prompt_logprobs, progress=body.stream, timeout=timeout,
-            route=spec.engine.route, n=generation.n, include_stop_str_in_output=body.include_stop_str_in_output,
+            uid=generation.part(i), prompt_ids=tuple(prompt.ids), params=params, stop=stop,
+            prompt_logprobs=prompt_logprobs, progress=body.stream, timeout=timeout, route=spec.engine.route,
+            n=generation.n, include_stop_str_in_output=body.include_stop_str_in_output,
             skip_special_tokens=body.skip_special_tokens))
     return requests
 

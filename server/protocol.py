@@ -110,26 +110,28 @@ class SamplingFields(_Strict):
 
     def stop_strings(self) -> list[str]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
-            raise APIError(400, f"'stop' takes up to {MAX_STOP_STRINGS} non-empty strings.", param="stop",
-                           code="invalid_value")
+        if any(not s for s in stop):  # their count and length are bounded by the field
+            raise APIError(400, "'stop' strings must not be empty.", param="stop", code="invalid_value")
         return stop
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        """The one conversion to sampling parameters (which check their own ranges)."""
+    def sampling_params(self, max_tokens: int, logprobs: int | None, vocab_size: int) -> SamplingParams:
+        """The one conversion to sampling parameters, which check their own ranges and, against the
+        vocabulary, every token id they hold (stop tokens, biases, allowed tokens)."""
         try:
             bias = tuple((int(token), float(value)) for token, value in (self.logit_bias or {}).items())
         except ValueError:
             raise APIError(400, "'logit_bias' keys must be token ids.", param="logit_bias",
                            code="invalid_value") from None
         try:
-            return SamplingParams(
+            params = SamplingParams(
                 max_tokens=max_tokens, temperature=self.temperature, top_k=max(0, self.top_k), top_p=self.top_p,
                 seed=self.seed, stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
                 logprobs=logprobs, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                 repetition_penalty=self.repetition_penalty, logit_bias=bias, min_p=self.min_p,
                 min_tokens=min(self.min_tokens, max_tokens),
                 allowed_token_ids=tuple(self.allowed_token_ids) if self.allowed_token_ids is not None else None)
+            params.validate(vocab_size)
+            return params
         except InvalidParameter as error:
             raise APIError(400, str(error), param=error.param, code="invalid_value") from None
 

@@ -320,6 +320,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "best_of": 2, "stream": True}, 400, "best_of"),
     ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
     ("/v1/completions", {"prompt": "x", "allowed_token_ids": [999]}, 400, "allowed_token_ids"),
+    ("/v1/completions", {"prompt": "x", "stop_token_ids": [999]}, 400, "stop_token_ids"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"999": 1}, "stream": True}, 400, "logit_bias"),
     ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {"prompt": "x", "logprobs": 50}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
