@@ -94,6 +94,7 @@ class EmbedJob:
     uid = GenerateJob.uid
     route = GenerateJob.route
     slots = 0
+    choices = ()
 
     @property
     def tokens(self) -> int:
@@ -263,7 +264,7 @@ class Engine:
                              f"{now - job.arrival:.1f} s.", ErrorCode.TIMEOUT)
 
     def _release(self, job: Job) -> None:
-        for choice in getattr(job, "choices", ()):
+        for choice in job.choices:
             self._release_choice(choice)
 
     def _release_choice(self, choice: Choice) -> None:
@@ -377,10 +378,11 @@ class Engine:
                 self.adjuster.start(choice.slot, job.request.prompt_ids, choice.sampler.params, eos)
                 self.running[choice.slot] = choice
             logits = result.last_logits[row: row + 1]
+            adjusted = self.adjuster.apply(logits, [first.slot])  # the same for every choice: one prompt
             for choice in job.choices:
-                adjusted = self.adjuster.apply(logits, [choice.slot])
                 if not self._accept(choice, logits[0], None if adjusted is None else adjusted[0], events):
                     break
+            self._count_tokens(job.choices)
 
     # ---- decoding -------------------------------------------------------------------------------------
     def _decode_step(self, events: Events) -> None:
@@ -402,6 +404,12 @@ class Engine:
         for choice, row, adjusted_row in zip(choices, rows, adjusted_rows):
             if choice.slot is not None:  # not ended by a sibling's failure in this loop
                 self._accept(choice, row, adjusted_row, events)
+        self._count_tokens(choices)
+
+    def _count_tokens(self, choices: list[Choice]) -> None:
+        """The penalties' token counts, one scatter for the batch; choices that ended hold no slot."""
+        going_on = [choice for choice in choices if choice.slot is not None]
+        self.adjuster.record([c.slot for c in going_on], [c.generated[-1] for c in going_on])
 
     def _accept(self, choice: Choice, logits: torch.Tensor, adjusted: torch.Tensor | None, events: Events) -> bool:
         """Sample the next token of one choice and apply its stopping rules; a failure here fails its request
@@ -417,7 +425,6 @@ class Engine:
             events.append((job.route, Failed(job.uid, 500, f"sampling failed: {error}", ErrorCode.INTERNAL)))
             return False
         events.append((job.route, token))
-        self.adjuster.record([choice.slot], [picked.token])
         if token.finish is not None:
             self._release_choice(choice)
             choice.done = True
@@ -456,7 +463,7 @@ def _take_within(pending: deque, budget: int, *, slots: int | None = None, pooli
 
 
 def _completion_tokens(job: Job) -> int:
-    return sum(len(choice.generated) for choice in getattr(job, "choices", ()))
+    return sum(len(choice.generated) for choice in job.choices)
 
 
 def _prompt_logprobs(job: GenerateJob, logits: torch.Tensor) -> PromptLogprobs:

@@ -87,6 +87,23 @@ def test_n_choices_come_from_one_prefill_copied_into_n_slots(model):
     assert ending(run(engine), "too many").status == 400
 
 
+def test_penalised_sequences_in_one_batch_generate_what_each_generates_alone(model):
+    """Penalty counts are kept per slot: neighbours (penalised or not, and n sibling choices) do not leak."""
+    penalised = SamplingParams(max_tokens=12, temperature=0.0, presence_penalty=1.5, frequency_penalty=0.8,
+                               repetition_penalty=1.4, logit_bias=((10, 2.0),))
+    prompts = {"p": ((5, 6, 7), penalised), "plain": ((8, 9), GREEDY), "q": ((10, 11, 12, 13), penalised)}
+    engine = Engine(model, ByteTokenizer(), max_running=5)
+    for uid, (prompt, params) in prompts.items():
+        engine.submit(GenerateRequest(uid, prompt, params, n=2 if uid == "q" else 1))
+    outputs = run(engine)
+    for uid, (prompt, params) in prompts.items():
+        expected = alone(model, list(prompt), params)
+        assert [o.token for o in outputs if o.uid == uid and isinstance(o, Token) and o.index == 0] == expected
+    assert [o.token for o in outputs if o.uid == "q" and isinstance(o, Token) and o.index == 1] == \
+        alone(model, [10, 11, 12, 13], penalised)
+    assert alone(model, [5, 6, 7], penalised) != alone(model, [5, 6, 7])  # the penalties do something here
+
+
 def test_batched_requests_generate_what_each_generates_alone(model):
     engine = Engine(model, ByteTokenizer(), max_running=2, prefill_batch_tokens=32)
     prompts = [ByteTokenizer().encode(p) for p in ("one", "two two", "three three three")]
