@@ -68,17 +68,23 @@ class Generation:
     def part(self, i: int) -> str:
         return f"{self.uid}-{i}"
 
+    @property
+    def parts(self) -> list[str]:
+        return [self.part(i) for i in range(len(self.prompts))]
+
     # engine outputs -> state ------------------------------------------------------------------------------
     def _on_prompt(self, output: PromptLogprobs) -> None:
+        """The prompt's logprob entries, made once and shared by its n choices (they only read them)."""
         token_text = self.spec.tokenizer.token_text
+        prompt = self.prompts[self.parts.index(output.uid)]
+        entries, offset = [], 0
+        for token, logprob, top in zip(prompt.ids, output.token_logprobs, output.top_logprobs):
+            text = token_text(token)
+            entries.append((text, logprob, self._top(top), offset))
+            offset += len(text)
         for (uid, _), choice in self.choices.items():
-            if uid != output.uid:
-                continue
-            offset = 0
-            for token, logprob, top in zip(choice.prompt.ids, output.token_logprobs, output.top_logprobs):
-                text = token_text(token)
-                choice.prompt_logprobs.append((text, logprob, self._top(top), offset))
-                offset += len(text)
+            if uid == output.uid:
+                choice.prompt_logprobs = entries
 
     def _top(self, top) -> dict | None:
         if top is None:
@@ -144,11 +150,11 @@ class Generation:
 
     # streaming ------------------------------------------------------------------------------------------
     def _event(self, body: dict) -> str:
-        return f"data: {json.dumps(body)}\n\n"  # ASCII only: see the note in `_chunk`
-
-    def _chunk(self, choice: ChoiceState, text: str, logprobs: list | None, echo: bool = False) -> str:
         # json.dumps writes ASCII: SSE splits lines at CR/LF alone, but common clients (requests' iter_lines)
         # also split at U+0085, U+2028, U+001C..1E, which could otherwise appear raw inside generated text.
+        return f"data: {json.dumps(body)}\n\n"
+
+    def _chunk(self, choice: ChoiceState, text: str, logprobs: list | None, echo: bool = False) -> str:
         body = self.shape.chunk(self, choice, text, logprobs, echo)
         if self.continuous_usage:
             body["usage"] = self.usage()

@@ -274,6 +274,10 @@ def test_logprobs_offsets_count_with_stop_and_echo(server):
     assert plain["text_offset"] == expected
     assert stopped["choices"][0]["logprobs"]["text_offset"] == expected
     assert echoed["text_offset"] == [0, 1, 2] + [3 + o for o in expected]
+    with server.client() as client:
+        two = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 8, "temperature": 0,
+                                                   "logprobs": 1, "echo": True, "n": 2}).json()["choices"]
+    assert [c["logprobs"] for c in two] == [echoed, echoed]  # each choice carries the prompt's entries
 
 
 def test_top_logprobs_hold_the_sampled_token_and_zero_means_it_alone(server):
