@@ -60,10 +60,9 @@ class RequestStream:
 
     def __init__(self, uid: str, parts: list[str], deadline: float, engine_pid: int):
         self.uid = uid  # the HTTP request's id
-        self.parts = parts  # its engine requests' uids
         self.deadline = deadline
         self.engine_pid = engine_pid  # the worker that has them: a restarted worker does not
-        self.unanswered = set(parts)  # no terminal output from the engine yet (to cancel when closed early)
+        self.unanswered = set(parts)  # its engine requests without a terminal output yet (cancelled if closed early)
         self.ended = False
         self._queue: asyncio.Queue[tuple[EngineOutput, bool]] = asyncio.Queue()
 
@@ -82,8 +81,7 @@ class RequestStream:
 
     async def outputs(self, tick: float | None = None) -> AsyncIterator[EngineOutput | None]:
         """Outputs up to the last terminal one; None after each `tick` seconds of silence."""
-        waiting = set(self.parts)
-        while waiting:
+        while self.unanswered or not self._queue.empty():  # terminal outputs may still wait in the queue
             late = self.deadline + DEADLINE_GRACE - time.monotonic()
             try:
                 output, local = await asyncio.wait_for(self._queue.get(), timeout=max(0.0, min(tick or math.inf, late)))
@@ -96,8 +94,6 @@ class RequestStream:
             if local:
                 self.ended = True
                 return
-            if isinstance(output, TERMINAL):
-                waiting.discard(output.uid)
         self.ended = True
 
 
