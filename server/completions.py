@@ -98,7 +98,6 @@ class GenerationRoute:
         arrival = time.monotonic()
         try:
             body, timeout = await spec.accept(request, self.schema)
-            spec.check_model(body.model)
             body.check_stream_options()
             generation, messages = self._generation(body, timeout, arrival)
         except APIError as error:

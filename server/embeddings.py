@@ -51,7 +51,6 @@ class EmbeddingsRoute:
     def _documents(self, body: EmbeddingRequest) -> tuple[list[list[int]], Spans]:
         """Token lists to embed, and for each input the token spans of its chunks."""
         spec = self.spec
-        spec.check_model(body.model)
         if body.dimensions is not None and body.dimensions != spec.info.embedding_size:
             raise protocol.unsupported("dimensions", f"embeddings have {spec.info.embedding_size} dimensions")
         raw = body.input

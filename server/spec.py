@@ -145,11 +145,17 @@ class OpenAISpec(LitSpec):
             raise APIError(499, "The client left while sending its body.", code="client_closed") from None
         return bytes(body)
 
-    async def accept(self, request: Request, schema):
-        """Readiness, body, schema (the key was checked before: `security`); returns the body and the
-        request's timeout in seconds."""
-        self._check_open()
+    async def parse_body(self, request: Request, schema):
+        """The body read, parsed into `schema` and checked to name this server's model (or none)."""
         body = protocol.parse(schema, await self.read_body(request))
+        self.check_model(body.model)
+        return body
+
+    async def accept(self, request: Request, schema):
+        """What every inference request passes (the key was checked before: `security`): readiness, then
+        `parse_body`; returns the body and the request's timeout in seconds."""
+        self._check_open()
+        body = await self.parse_body(request, schema)
         return body, self._timeout(request)
 
     def refuse(self, error: APIError) -> Response:
@@ -230,8 +236,7 @@ class OpenAISpec(LitSpec):
 
     async def tokenize(self, request: Request) -> Response:
         try:
-            body = protocol.parse(TokenizeRequest, await self.read_body(request))
-            self.check_model(body.model)
+            body = await self.parse_body(request, TokenizeRequest)
         except APIError as error:
             return self.refuse(error)
         tokens = self.tokenizer.encode(body.prompt)
@@ -239,8 +244,7 @@ class OpenAISpec(LitSpec):
 
     async def detokenize(self, request: Request) -> Response:
         try:
-            body = protocol.parse(DetokenizeRequest, await self.read_body(request))
-            self.check_model(body.model)
+            body = await self.parse_body(request, DetokenizeRequest)
             self.check_token_ids(body.tokens, "tokens")
         except APIError as error:
             return self.refuse(error)
