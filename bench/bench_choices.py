@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from bench.bench_core import BENCH_MODEL, RESULTS, prompt
+from bench import RESULTS
+from bench.bench_core import BENCH_MODEL, prompt
 from model.config import ReformerConfig
 from model.engine import Engine
 from model.messages import Finished, GenerateRequest, Token
@@ -48,7 +49,7 @@ def run(engine: Engine, requests: list[GenerateRequest]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_choices", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--prompt-tokens", type=int, default=16384)
     parser.add_argument("--n", type=int, default=8)

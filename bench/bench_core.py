@@ -24,15 +24,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from model.checkpoint import convert_hf_state_dict  # noqa: E402
-from model.config import ReformerConfig  # noqa: E402
-from model.decode import Decoder  # noqa: E402
-from model.reformer import ReformerLM  # noqa: E402
-
-RESULTS = ROOT / "bench" / "results"
+from bench import RESULTS, ROOT
+from model.checkpoint import convert_hf_state_dict
+from model.config import ReformerConfig
+from model.decode import Decoder
+from model.reformer import ReformerLM
 
 BENCH_MODEL = dict(
     vocab_size=258, hidden_size=512, num_attention_heads=8, attention_head_size=64,
@@ -180,7 +176,7 @@ def guarded(measure, *args, **kwargs) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_core", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--steps-only", action="store_true",

@@ -14,23 +14,19 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.bench_core import BENCH_MODEL, prompt, sync  # noqa: E402
-from export.backend import OnnxDecoder, embed_steps  # noqa: E402
-from export.exporter import export_model  # noqa: E402
-from export.runtime import ExportedModel  # noqa: E402
-from model import ReformerConfig, ReformerLM, embed  # noqa: E402
-from model.decode import Decoder  # noqa: E402
-from model.reformer import drain  # noqa: E402
+from bench import RESULTS
+from bench.bench_core import BENCH_MODEL, prompt, sync
+from export.backend import OnnxDecoder, embed_steps
+from export.exporter import export_model
+from export.runtime import ExportedModel
+from model import ReformerConfig, ReformerLM, embed
+from model.decode import Decoder
+from model.reformer import drain
 
 LENGTHS = (1024, 4096, 16384)
 SLOTS, MAX_LENGTH = 8, 16384 + 256
@@ -68,7 +64,7 @@ def step_time(decoder: Decoder, context: int, batch: int, device, steps: int = 4
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_export", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -101,7 +97,7 @@ def main() -> None:
                      "onnx_ms": 1e3 * step_time(onnx_decoder, context, batch, device)}
             result["steps"].append(entry)
             print(json.dumps(entry), flush=True)
-    path = ROOT / "bench" / "results" / f"export-{device.type}.json"
+    path = RESULTS / f"export-{device.type}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
 

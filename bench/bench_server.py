@@ -18,7 +18,6 @@ import datetime
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,14 +25,19 @@ from pathlib import Path
 import httpx
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.bench_core import BENCH_MODEL, prompt  # noqa: E402
-from model import ByteTokenizer, ReformerConfig, ReformerLM, SamplingParams, load_model, save_model  # noqa: E402
-from model.engine import Engine  # noqa: E402
-from model.messages import GenerateRequest, Token  # noqa: E402
-from server.launcher import ServerProcess  # noqa: E402
+from bench import RESULTS
+from bench.bench_core import BENCH_MODEL, prompt
+from model import (
+    ByteTokenizer,
+    ReformerConfig,
+    ReformerLM,
+    SamplingParams,
+    load_model,
+    save_model,
+)
+from model.engine import Engine
+from model.messages import GenerateRequest, Token
+from bench.launcher import ServerProcess
 
 STREAMS = (1, 8, 32)
 PROMPT_TOKENS = 64
@@ -97,7 +101,7 @@ async def first_token_times(url: str, length: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_server", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tokens", type=int, default=32, help="tokens generated per stream")
     args = parser.parse_args()
@@ -131,7 +135,7 @@ def main() -> None:
                 print(json.dumps(result["first_token"][-1]), flush=True)
         finally:
             server.stop()
-    path = ROOT / "bench" / "results" / f"server-{device}.json"
+    path = RESULTS / f"server-{device}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
 

@@ -22,17 +22,13 @@ import platform
 import resource
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench import RESULTS, ROOT
+from model.reformer import ReformerLM
+from training.train import PRESETS, language_model_loss
 
-from model.reformer import ReformerLM  # noqa: E402
-from model.train import PRESETS, language_model_loss  # noqa: E402
-
-RESULTS = ROOT / "bench" / "results"
 PLAN = {
     "cuda": {"preset": "gpu", "lengths": (16384, 65536), "layers": (6,)},
     "cpu": {"preset": "cpu", "lengths": (4096, 16384), "layers": (4, 12)},
@@ -92,7 +88,7 @@ def measure(device_type: str, preset: str, length: int, layers: int, reversible:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_train_memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -24,14 +24,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.bench_core import RESULTS
-from server.launcher import ServerProcess
+from bench import RESULTS
+from bench.launcher import ServerProcess
 
 KEY = "fuzz-key"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.fuzz_server", description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=60, help="examples per operation and phase")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()

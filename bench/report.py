@@ -5,11 +5,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
+from bench import RESULTS, ROOT
+from bench.loadtest.summary import runs_table
 
 # Targets of the model-core issue, per device type: (description, check on a result) pairs.
 STEP_FLATNESS = {"cuda": (65536, 1.3), "cpu": (16384, 1.3)}  # (context, allowed ratio to the shortest)
@@ -175,17 +175,8 @@ def loadtest_section(result: dict) -> list[str]:
              f"Model: {result['model']} (random weights: the load's compute, not its text). Server arguments "
              f"`{' '.join(result['server_args'])}`, locust arguments `{' '.join(result.get('locust_args', []))}`; "
              f"{result['run_time']} per step; gates: {gates} (latencies in ms).", "",
-             "| users | gate | streamed tokens/s | TTFT p50 / p95 | ITL p50 / p95 | embedding p95 | failures |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
+             *runs_table(result["runs"])]
     passing = [run for run in result["runs"] if run["gate_passed"]]
-    for run in result["runs"]:
-        gate = "pass" if run["gate_passed"] else "fail: " + "; ".join(run["gate_failures"])
-        ttft, itl, embed = run["ttft"], run["itl"], run["embeddings"]
-        lines.append(
-            f"| {run['users']} | {gate} | {run['streamed_tokens_per_second']:.1f} | "
-            + (f"{ttft['p50_ms']:,.0f} / {ttft['p95_ms']:,.0f} ms | " if ttft else "- | ")
-            + (f"{itl['p50_ms']:,.0f} / {itl['p95_ms']:,.0f} ms | " if itl else "- | ")
-            + (f"{embed['p95_ms']:,.0f} ms | " if embed else "- | ") + f"{run['failures']}/{run['requests']} |")
     if passing:
         best = passing[-1]
         lines += ["", f"Capacity: {best['users']} users at {best['streamed_tokens_per_second']:.1f} streamed tokens/s "
@@ -210,11 +201,12 @@ def export_section(result: dict) -> list[str]:
     return lines + [""]
 
 
-def checks_section(result: dict) -> list[str]:
-    lines = [f"### GPU correctness checks — {result['device']}, {result['date'][:10]}", "",
-             "| check | max abs difference |", "|---|---:|"]
-    for name, value in result["checks"].items():
-        lines.append(f"| {name} | {value:.2e} |" if isinstance(value, float) else f"| {name} | {value} |")
+def gpu_tests_section(result: dict) -> list[str]:
+    lines = [f"### {result['device']}, torch {result['torch']}, {result['date'][:10]}", "",
+             "| check | measured | tolerance | verdict |", "|---|---:|---:|---|"]
+    for check in result["checks"]:
+        lines.append(f"| {check['check']} | {check['value']:.3g} | {check['tolerance']:.3g} | "
+                     f"{'pass' if check['passed'] else '**FAIL**'} |")
     return lines + [""]
 
 
@@ -266,9 +258,15 @@ def _section(results: list[dict], render, title: str, intro: str, *, gpu: bool =
 
 # (benchmark name in the JSON, renderer, title, introduction, whether a GPU result is expected)
 SECTIONS = [
+    ("gpu_tests", gpu_tests_section,
+     "## Correctness on the GPU",
+     "`REFORMER_GPU_RESULTS=bench/results/gpu-tests-cuda.json python -m pytest -m gpu tests/test_gpu.py`: the fused "
+     "kernel against the plain-torch path, the forward against the reference, half precision with and without the "
+     "kernel, CUDA graphs against eager steps, each with its tolerance (`tests/test_gpu.py`).",
+     True),
     ("eval_default", eval_section,
      "## Default model: bits per byte against the compressors",
-     "`python -m bench.eval_default` (see `model/default/MODEL_CARD.md`): the embedded model and gzip, bz2 and "
+     "`python -m training.evaluate` (see `model/default/MODEL_CARD.md`): the embedded model and gzip, bz2 and "
      "xz on exactly the same bytes, computed in the same run.",
      False),
     ("train_memory", train_memory_section,
@@ -300,13 +298,14 @@ SECTIONS = [
      True),
     ("loadtest", loadtest_section,
      "## Load test: capacity under a latency gate",
-     "`python -m loadtest.run --sweep ...`: locust (mixed streaming, non-streaming and 1K-to-context embedding "
+     "`python -m bench.loadtest.run --sweep ...`: locust (mixed streaming, non-streaming and 1K-to-context embedding "
      "users) at increasing user counts until a gate fails.",
      True),
 ]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0]).parse_args(argv)
     results = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("*.json"))]
     core = [r for r in results if r.get("benchmark") == "core"]
     lines = [
@@ -326,9 +325,6 @@ def main() -> None:
         lines += ["GPU numbers: pending (no GPU run recorded yet).", ""]
     for result in sorted(core, key=lambda r: r["device_type"] != "cuda"):
         lines += core_section(result)
-    for result in results:
-        if result.get("benchmark") == "gpu_checks":
-            lines += checks_section(result)
     for benchmark, render, title, intro, gpu in SECTIONS:
         lines += _section([r for r in results if r.get("benchmark") == benchmark], render, title, intro, gpu=gpu)
     (ROOT / "BENCHMARKS.md").write_text("\n".join(lines).rstrip() + "\n")

@@ -3,7 +3,8 @@
 Step semantics are the reference's cached step (transformers' `past_buckets_states`), made correct for
 batches and cheap for long contexts (the step itself is `model.step.decode_step`). The cache keeps
 projected keys and values (not the reference's hidden states), and a `BucketIndex` per LSH layer, so a
-step costs the same at any context length. Slots are independent: a scheduler can add and evict sequences
+step's work does not depend on the context length; once every `tail_capacity` tokens a sequence's index is
+re-sorted (O(L log L) for that step; see `bucket_index`). Slots are independent: a scheduler can add and evict sequences
 between steps without touching the others.
 """
 

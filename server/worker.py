@@ -122,7 +122,6 @@ class ReformerAPI(ls.LitAPI):
         from pathlib import Path
 
         from export.backend import OnnxDecoder, embed_steps
-        from export.exporter import export_model
         from export.runtime import ExportedModel
 
         settings = self.settings
@@ -131,6 +130,12 @@ class ReformerAPI(ls.LitAPI):
                          f"{settings.model_name}-{slots}x{max_length}-{str(model.dtype).removeprefix('torch.')}")
         manifest = directory / "manifest.json"
         if not manifest.exists() or json.loads(manifest.read_text())["pool"] != pool:
+            try:  # the exporter is an extra: serving exported graphs needs onnxruntime only
+                from export.exporter import export_model
+            except ImportError as missing:
+                raise RuntimeError(f"no ONNX graphs for this pool in {directory}, and the exporter is not installed "
+                                   f"({missing}): pip install -e '.[export]', or write them with python -m export "
+                                   "and pass --onnx-dir") from None
             log.info("exporting ONNX graphs to %s", directory)
             export_model(model.cpu() if device != "cpu" else model, directory, source=settings.model_path,
                          progress=log.info, **pool)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from model import ReformerConfig, ReformerLM, save_model
-from server.launcher import ServerProcess
+from bench.launcher import ServerProcess
 
 API_KEY = "test-key"
 

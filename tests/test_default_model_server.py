@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 
 from model import ByteTokenizer, SamplingParams, generate, load_model
-from server.launcher import ServerProcess
+from bench.launcher import ServerProcess
 from server.settings import DEFAULT_MODEL
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from loadtest import run
+from bench.loadtest import run
 from tests.server_harness import API_KEY, RunningServer, tiny_checkpoint
 
 

@@ -12,12 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.eval_default import byte_bits, compressor_bits
-from model import corpus, load_model
+from training.evaluate import byte_bits, compressor_bits
+from model import load_model
+from training import corpus
 from model.attention import LSHSelfAttention
 from model.reformer import ReformerLM
-from model.reversible import reversible_stack
-from model.train import PRESETS, TrainSettings, Windows, evaluate, export, language_model_loss, model_config, train
+from training.reversible import reversible_stack
+from training.train import PRESETS, TrainSettings, Windows, evaluate, export, language_model_loss, model_config, train
 from tests.seed import SEED
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,7 +128,7 @@ def test_resume_continues_exactly_and_exports_fp16(tmp_path):
 
 
 def test_learning_rate_warms_up_then_decays_to_a_tenth():
-    from model.train import learning_rate
+    from training.train import learning_rate
 
     settings = TrainSettings(steps=100, batch=1, lr=1.0, warmup=10)
     rates = [learning_rate(step, settings) for step in range(100)]

@@ -1,8 +1,8 @@
-"""Train a byte-level Reformer on the standard library's source (`model.corpus`) with reversible backprop.
+"""Train a byte-level Reformer on the standard library's source (`training.corpus`) with reversible backprop.
 
-    python -m model.train --preset cpu --out runs/cpu              # or --preset gpu on a CUDA machine
-    python -m model.train --preset cpu --out runs/cpu --resume     # continue from runs/cpu/checkpoint
-    python -m model.train ... --export model/default               # also write the fp16 serving checkpoint
+    python -m training.train --preset cpu --out runs/cpu              # or --preset gpu on a CUDA machine
+    python -m training.train --preset cpu --out runs/cpu --resume     # continue from runs/cpu/checkpoint
+    python -m training.train ... --export model/default               # also write the fp16 serving checkpoint
 
 Training windows are random slices of the train stream (files joined by end-of-sequence), the length of the
 model's context, so every position embedding is trained. AdamW with linear warm-up and cosine decay,
@@ -28,12 +28,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
+from model.checkpoint import load_model, save_model
+from model.config import ReformerConfig
+from model.reformer import ReformerLM
+from model.tokenizer import ByteTokenizer
+
 from . import corpus
-from .checkpoint import load_model, save_model
-from .config import ReformerConfig
-from .reformer import ReformerLM
 from .reversible import reversible_stack
-from .tokenizer import ByteTokenizer
 
 LN2 = math.log(2)
 
@@ -257,7 +258,7 @@ def export(model: ReformerLM, directory: Path, out: Path, device: torch.device, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--out", type=Path, required=True, help="run directory (checkpoint/ inside)")
     parser.add_argument("--steps", type=int, help="override the preset's step count")

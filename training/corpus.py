@@ -5,7 +5,7 @@ machine's install prefix or on file order): sha256(path) mod 100 below 90 is tra
 the rest test. A split is read as one byte stream, each file followed by a NUL byte, which the byte
 tokenizer reads as end-of-sequence (id = byte + 2, and NUL -> 2).
 
-`python -m model.corpus --out DIR` writes the three streams and a manifest with their sizes and hashes.
+`python -m training.corpus --out DIR` writes the three streams and a manifest with their sizes and hashes.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def describe(files: list[SourceFile]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training.corpus", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="directory for {split}.bin and manifest.json")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

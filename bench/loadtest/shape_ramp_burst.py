@@ -1,4 +1,4 @@
-"""A load shape for `locust -f loadtest/locustfile.py,loadtest/shape_ramp_burst.py`: a ramp of mixed users,
+"""A load shape for `locust -f bench/loadtest/locustfile.py,bench/loadtest/shape_ramp_burst.py`: a ramp of mixed users,
 a plateau, then a burst (more users, and every embedding document at the longest length), then the plateau.
 
 The peak is --users (default 16); the phases scale with --run-time (default 120 s).

@@ -1,6 +1,6 @@
 """Locust users for the Reformer server, per-token latency events, and an SLA gate.
 
-    locust -f loadtest/locustfile.py --headless -u 8 -r 2 -t 60s --host http://127.0.0.1:8000 \
+    locust -f bench/loadtest/locustfile.py --headless -u 8 -r 2 -t 60s --host http://127.0.0.1:8000 \
         --sla-ttft-p95 2000 --sla-itl-p95 500 --sla-embedding-p95 10000 --sla-failure-ratio 0.01
 
 Locust times a streamed request only to its headers, so streams report their own events (request type
@@ -125,7 +125,7 @@ class EmbeddingUser(_ReformerUser):
 
     @task
     def embed(self):
-        # During a shape's burst (loadtest/shape_ramp_burst.py) every document has the longest length.
+        # During a shape's burst (bench/loadtest/shape_ramp_burst.py) every document has the longest length.
         burst = getattr(self.environment, "long_document_burst", False)
         document = text(self.doc_max if burst else random.randint(self.doc_min, self.doc_max))
         with self.client.post("/v1/embeddings", json={"input": document}, catch_response=True) as response:
