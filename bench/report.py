@@ -169,6 +169,17 @@ def fuzz_section(result: dict) -> list[str]:
     return lines + [""]
 
 
+def image_section(result: dict) -> list[str]:
+    checks = ", ".join(f"{name.replace('_', ' ')} {'pass' if ok else '**FAIL**'}" for name, ok in result["checks"].items())
+    return [f"### {result['variant'].upper()} image — {result['date'][:10]}", "",
+            f"{result['engine']} {result['engine_version']}, base `{result['base']}`, Python {result['python']}, torch "
+            f"{result['torch']}: **{result['size_bytes'] / 1e9:.2f} GB**, built in {result['build_seconds']:.0f} s, "
+            f"ready {result['ready_seconds']:.0f} s after start. Run as: {result['run']}. A SIGTERM during a "
+            f"{result['drain_request_tokens']}-token stream: the stream ended with `{result['drain_stream_finish_reason']}`"
+            f" and the container exited {result['exit_code_after_sigterm']} after {result['drain_seconds']:.1f} s "
+            f"(drain timeout {result['drain_timeout_seconds']} s).", "", f"Checks: {checks}.", ""]
+
+
 def loadtest_section(result: dict) -> list[str]:
     gates = ", ".join(f"{k.removeprefix('sla_').replace('_', ' ')} ≤ {v}" for k, v in result["gates"].items())
     lines = [f"### {result['device'].upper()} ({result['machine']}) — {result['date'][:10]}", "",
@@ -295,6 +306,12 @@ SECTIONS = [
      "## ONNX: onnxruntime vs PyTorch eager",
      "`python -m bench.bench_export`: the core benchmark's model exported (`python -m export`) and run by "
      "onnxruntime beside the same model in PyTorch eager (no CUDA graphs), same process.",
+     True),
+    ("image", image_section,
+     "## The container image",
+     "`deploy/check_image.sh --result bench/results/image-cpu.json`: builds the image with docker or podman, runs it "
+     "read-only with every capability dropped, and checks it over HTTP (`../shared/docs/container-build.md` says how "
+     "it runs on a machine without a Docker engine). The GPU image needs the `nvidia/cuda` base from a registry.",
      True),
     ("loadtest", loadtest_section,
      "## Load test: capacity under a latency gate",

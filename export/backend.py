@@ -30,15 +30,14 @@ class OnnxDecoder(Decoder):
         self._graph_caches = [*self.kv, *[self.index[i].main for i in self.lsh], *[self.index[i].tail for i in self.lsh]]
 
     def _group_forward(self, ids: Tensor, mask: Tensor):
-        outputs = run_prefill(self.exported, self.config, ids, mask)
+        hidden, *outputs = run_prefill(self.exported, self.config, ids, mask)
         layers = self.config.num_layers
         for layer in range(layers):
-            kv = outputs[3 + layer]
+            kv = outputs[layer]
             half = kv.shape[-1] // 2
-            buckets = outputs[3 + layers + self.lsh.index(layer)] if layer in self.lsh else None
+            buckets = outputs[layers + self.lsh.index(layer)] if layer in self.lsh else None
             yield layer, kv[..., :half], kv[..., half:], buckets
-        logits = outputs[0]
-        return lambda row, positions: logits[row, positions]
+        return lambda row, positions: self.model.logits(hidden[row, positions])
 
     def step_tensors(self, tokens: Tensor, slots: Tensor, positions: Tensor, main_length: Tensor,
                      tail_length: Tensor, hashed: Tensor) -> Tensor:
@@ -57,10 +56,10 @@ class OnnxDecoder(Decoder):
 
 
 def run_prefill(exported: ExportedModel, config, ids: Tensor, mask: Tensor) -> list[Tensor]:
-    """One padded group through the prefill graph for its length: logits, hidden, pooled, kv..., buckets..."""
+    """One padded group through the prefill graph for its length: hidden, kv..., buckets..."""
     batch, length = ids.shape
     heads, size, hidden = config.num_attention_heads, config.attention_head_size, 2 * config.hidden_size
-    shapes = [(batch, length, config.vocab_size), (batch, length, hidden), (batch, hidden)]
+    shapes = [(batch, length, hidden)]
     shapes += [(batch, heads, length, 2 * size)] * config.num_layers
     shapes += [(batch, heads, config.num_hashes, length)] * sum(kind == "lsh" for kind in config.attn_layers)
     return exported.prefill_graph(length).run([ids, mask], shapes)
@@ -74,7 +73,7 @@ def embed_steps(exported: ExportedModel, config, device: torch.device, documents
     out = torch.empty(len(documents), 2 * config.hidden_size)
     for members, padded in length_groups([len(d) for d in documents], config.padded_length, max_batch_tokens):
         ids, mask = pad_batch([documents[i] for i in members], padded, config.pad_token_id, device)
-        hidden = run_prefill(exported, config, ids, mask)[1]
+        hidden = run_prefill(exported, config, ids, mask)[0]
         out[members] = pool(hidden.float(), mask, pooling).cpu()
         yield
     return out

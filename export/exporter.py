@@ -24,9 +24,9 @@ from model.checkpoint import WEIGHTS
 from model.reformer import ReformerLM
 
 from .graphs import DecodeGraph, PrefillGraph
+from .runtime import FORMAT
 
 OPSET = 18
-FORMAT = "reformer-onnx/1"
 
 
 def prefill_regimes(config) -> list[dict]:

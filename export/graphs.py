@@ -1,7 +1,9 @@
 """The two graphs the server needs, as torch modules that export to ONNX.
 
-- `PrefillGraph`: token ids (B, L) and a mask of real tokens -> logits, final hidden states, mean-pooled
-  embeddings, and each layer's cache entries (keys and values side by side; raw LSH buckets). B and L are
+- `PrefillGraph`: token ids (B, L) and a mask of real tokens -> final hidden states and each layer's cache
+  entries (keys and values side by side; raw LSH buckets). No logits: a prefill needs them at one position
+  per prompt (all of them only for prompt logprobs) and an embedding at none, so the caller applies the LM
+  head in torch to the rows it wants, as the torch decoder does. B and L are
   dynamic; L must be a multiple of the chunk lengths and longer than the longest chunk (the caller pads,
   as the reference does), which takes the bucketed path in every layer.
 - `DecodeGraph`: one decode step for B sequences (B dynamic) of a slot pool of fixed size: the caches are
@@ -34,10 +36,7 @@ class PrefillGraph(nn.Module):
             kv.append(torch.cat([layer.keys, layer.values], dim=-1))
             if layer.buckets is not None:
                 buckets.append(layer.buckets)
-        hidden = model.final_hidden(x1, x2)
-        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
-        return (model.logits(hidden), hidden, pooled, *kv, *buckets)
+        return (model.final_hidden(x1, x2), *kv, *buckets)
 
 
 class DecodeGraph(nn.Module):

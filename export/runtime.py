@@ -15,6 +15,10 @@ import onnxruntime as ort
 import torch
 from torch import Tensor
 
+# What export.exporter writes into manifest.json and this module reads (2: the prefill graph returns only
+# hidden states and cache entries; 1 also returned full logits and a pooled vector nobody read).
+FORMAT = "reformer-onnx/2"
+
 DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16,
           "tensor(int64)": torch.int64, "tensor(bool)": torch.bool, "tensor(int32)": torch.int32}
 NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_,
@@ -81,6 +85,9 @@ class ExportedModel:
         directory = Path(directory)
         self.directory = directory
         self.manifest = json.loads((directory / "manifest.json").read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise RuntimeError(f"{directory} holds graphs of format {self.manifest.get('format')!r}, this server reads "
+                               f"{FORMAT!r}: export them again (python -m export)")
         self.graphs = {name: BoundGraph(directory / entry["file"], device)
                        for name, entry in self.manifest["graphs"].items()}
 

@@ -28,15 +28,15 @@ BLOCK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 25}
 ATTENTION_BACKEND = os.environ.get("REFORMER_ATTENTION", "auto")
 
 
-def _use_kernel(queries: Tensor, dropout: float) -> bool:
-    if ATTENTION_BACKEND == "torch" or dropout or (torch.is_grad_enabled() and queries.requires_grad):
+def _use_kernel(queries: Tensor, dropout: float, backend: str) -> bool:
+    if backend == "torch" or dropout or (torch.is_grad_enabled() and queries.requires_grad):
         return False
-    if ATTENTION_BACKEND == "auto" and not queries.is_cuda:
+    if backend == "auto" and not queries.is_cuda:
         return False
     try:
         from . import chunk_kernel
     except ImportError:
-        if ATTENTION_BACKEND == "triton":
+        if backend == "triton":
             raise
         return False
     return chunk_kernel.supported(queries)
@@ -139,41 +139,22 @@ def chunked_attention(
     self_mask: bool,
     dropout: float = 0.0,
     block_elements: int | None = None,
+    backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention of each chunk to its neighbouring chunks (circular): the fused kernel where it applies
-    (`ATTENTION_BACKEND`), else `chunked_attention_torch`.
+    (`backend`, by default `ATTENTION_BACKEND`), else plain torch in memory-bounded blocks of chunks.
 
     queries/keys/values: (B, H, N, c, d) chunks; positions: (B, H|1, N, c) absolute positions of the
     chunk entries; key_valid: (B, H|1, N, c) bool or None. Returns out (B, H, N, c, d), lse (B, H, N, c).
     """
-    if not torch.compiler.is_exporting() and _use_kernel(queries, dropout):
+    masked, self_value = mask_values(queries.dtype)
+    if not torch.compiler.is_exporting() and _use_kernel(queries, dropout, backend or ATTENTION_BACKEND):
         from .chunk_kernel import chunk_attention
 
-        masked, self_value = mask_values(queries.dtype)
         return chunk_attention(queries, keys, values, positions, key_valid, before=before, after=after,
                                causal=causal, self_mask=self_mask, masked=masked, self_value=self_value)
-    return chunked_attention_torch(queries, keys, values, positions, key_valid, before=before, after=after,
-                                   causal=causal, self_mask=self_mask, dropout=dropout, block_elements=block_elements)
-
-
-def chunked_attention_torch(
-    queries: Tensor,
-    keys: Tensor,
-    values: Tensor,
-    positions: Tensor,
-    key_valid: Tensor | None,
-    *,
-    before: int,
-    after: int,
-    causal: bool,
-    self_mask: bool,
-    dropout: float = 0.0,
-    block_elements: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """`chunked_attention` in plain torch, in memory-bounded blocks of chunks (what the kernel is tested against)."""
     batch, heads, count, chunk, dim = queries.shape
     window = chunk * (1 + before + after)
-    masked, self_value = mask_values(queries.dtype)
     out = queries.new_empty(queries.shape)
     lse = queries.new_empty(queries.shape[:-1])
     per_chunk = max(1, batch * heads * chunk * window)

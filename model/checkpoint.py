@@ -91,6 +91,18 @@ def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{directory} has neither {WEIGHTS} nor {LEGACY_WEIGHTS}")
 
 
+def read_config(directory: str | Path) -> ReformerConfig:
+    """A checkpoint directory's config, without its weights: ours (`reformer.json`) or HF's (`config.json`)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is not a directory")
+    if (directory / OUR_CONFIG).exists():
+        return ReformerConfig.from_dict(json.loads((directory / OUR_CONFIG).read_text())["config"])
+    if (directory / "config.json").exists():
+        return ReformerConfig.from_hf_dict(json.loads((directory / "config.json").read_text()))
+    raise CheckpointError(f"{directory} has neither {OUR_CONFIG} nor config.json")
+
+
 def load_model(path: str | Path, *, lm_head_bias: bool | None = None) -> ReformerLM:
     """Load our format or an HF Reformer checkpoint directory (decided by the files present).
 
@@ -98,21 +110,15 @@ def load_model(path: str | Path, *, lm_head_bias: bool | None = None) -> Reforme
     model was trained with); False reproduces transformers 5.x, which never adds it.
     """
     directory = Path(path)
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory} is not a directory")
+    config = read_config(directory)
     if (directory / OUR_CONFIG).exists():
-        config = ReformerConfig.from_dict(json.loads((directory / OUR_CONFIG).read_text())["config"])
         if lm_head_bias is not None:
             config.lm_head_bias = lm_head_bias
         state = load_file(str(directory / WEIGHTS))
-    elif (directory / "config.json").exists():
-        hf = json.loads((directory / "config.json").read_text())
-        config = ReformerConfig.from_hf_dict(hf)
+    else:
         state = convert_hf_state_dict(_read_hf_weights(directory), config)
         trained_bias = bool(torch.any(state["lm_head_bias"] != 0))
         config.lm_head_bias = trained_bias if lm_head_bias is None else lm_head_bias
-    else:
-        raise CheckpointError(f"{directory} has neither {OUR_CONFIG} nor config.json")
     model = ReformerLM(config)
     state = {name: tensor.to(torch.float32) for name, tensor in state.items()}
     try:

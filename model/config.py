@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -248,13 +246,6 @@ class ReformerConfig:
             if key in kwargs:
                 kwargs[key] = float(kwargs[key] or 0.0)
         return cls(**kwargs, lm_head_bias=lm_head_bias, extra=extra)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> ReformerConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 def _auto_num_buckets(data: dict[str, Any]) -> int | list[int]:

@@ -141,7 +141,7 @@ class Decoder:
 
         Prompts are grouped by padded length: a group then computes exactly what each prompt would alone.
         """
-        config, model = self.config, self.model
+        config = self.config
         for slot, ids in prompts:
             if not self.slots[slot].active:
                 raise ValueError(f"slot {slot} is not allocated")

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.checkpoint import CheckpointError, read_config
 from model.config import ReformerConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,13 +56,12 @@ class ServerSettings:
     def model_config(self) -> ReformerConfig:
         """The checkpoint's config, read without loading weights (the HTTP processes need only limits)."""
         path = self.model_path
-        if (path / "reformer.json").exists():
-            return ReformerConfig.from_dict(json.loads((path / "reformer.json").read_text())["config"])
-        if (path / "config.json").exists():
-            return ReformerConfig.from_hf_dict(json.loads((path / "config.json").read_text()))
-        if not self.model:
-            raise SystemExit(f"no embedded default model at {path} yet: pass --model DIRECTORY")
-        raise SystemExit(f"--model {path}: no reformer.json or config.json there")
+        try:
+            return read_config(path)
+        except CheckpointError as error:
+            if not self.model:
+                raise SystemExit(f"no embedded default model at {path} yet: pass --model DIRECTORY") from None
+            raise SystemExit(f"--model {path}: {error}") from None
 
     def max_context(self, config: ReformerConfig) -> int:
         return min(config.max_positions, self.max_model_len or config.max_positions)

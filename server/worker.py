@@ -122,14 +122,15 @@ class ReformerAPI(ls.LitAPI):
         from pathlib import Path
 
         from export.backend import OnnxDecoder, embed_steps
-        from export.runtime import ExportedModel
+        from export.runtime import FORMAT, ExportedModel
 
         settings = self.settings
         pool = {"slots": slots, "max_length": max_length, "tail_capacity": settings.tail_capacity}
         directory = Path(settings.onnx_dir or Path.home() / ".cache" / "reformer-server" / "onnx" /
                          f"{settings.model_name}-{slots}x{max_length}-{str(model.dtype).removeprefix('torch.')}")
         manifest = directory / "manifest.json"
-        if not manifest.exists() or json.loads(manifest.read_text())["pool"] != pool:
+        written = json.loads(manifest.read_text()) if manifest.exists() else {}
+        if written.get("pool") != pool or written.get("format") != FORMAT:
             try:  # the exporter is an extra: serving exported graphs needs onnxruntime only
                 from export.exporter import export_model
             except ImportError as missing:

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from model.checkpoint import CheckpointError, load_model, save_model
+from model.checkpoint import CheckpointError, load_model, read_config, save_model
 from tests.reference import TINY, build_pair, random_ids, rng_for
 
 
@@ -73,6 +73,7 @@ def test_our_format_round_trips_with_rotations(tmp_path):
         assert torch.equal(loaded(ids), model(ids))
         assert (half(ids) - model(ids)).abs().max() < 0.5  # fp16 weights, fp32 compute
     assert json.loads((tmp_path / "fp32" / "reformer.json").read_text())["tokenizer"] == "bytes"
+    assert read_config(tmp_path / "fp32") == model.config  # what the server's HTTP processes read, no weights
     for a, b in zip(loaded.layers, half.layers):
         if a.kind == "lsh":
             assert a.attn.rotations.dtype == torch.float32 and torch.equal(a.attn.rotations, b.attn.rotations)

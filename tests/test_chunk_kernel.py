@@ -36,11 +36,9 @@ for batch, heads, count, chunk, dim, before, after, causal, self_mask, with_vali
     pos = torch.randperm(count * chunk, generator=g).view(1, 1, count, chunk).expand(batch, heads, -1, -1)
     valid = (torch.rand(batch, 1, count, chunk, generator=g) > 0.3) if with_valid else None
     options = dict(before=before, after=after, causal=causal, self_mask=self_mask)
-    attention.ATTENTION_BACKEND = "torch"
-    expected = attention.chunked_attention(q, k, v, pos, valid, **options)
+    expected = attention.chunked_attention(q, k, v, pos, valid, **options, backend="torch")
     assert not kernel_calls, "the torch side ran the kernel"
-    attention.ATTENTION_BACKEND = "triton"
-    actual = attention.chunked_attention(q, k, v, pos, valid, **options)
+    actual = attention.chunked_attention(q, k, v, pos, valid, **options, backend="triton")
     assert len(kernel_calls) == 1, "the kernel side did not run the kernel"
     kernel_calls.clear()
     for a, b in zip(actual, expected):

@@ -53,6 +53,15 @@ def test_graphs_are_valid_deterministic_and_dynamic(exported):
         assert isinstance(entry["inputs"][0]["shape"][0], str)  # a symbolic (dynamic) batch in every graph
     if model.config.lsh_attn_chunk_length != model.config.local_attn_chunk_length:
         assert "prefill_mid" in manifest["graphs"]
+    # A prefill graph computes what its callers read and nothing more: hidden states and cache entries (the
+    # LM head runs in torch on the rows a prefill wants; an embedding wants none).
+    config = model.config
+    for name, entry in manifest["graphs"].items():
+        if name != "decode":
+            assert len(entry["outputs"]) == 1 + config.num_layers + config.attn_layers.count("lsh")
+            assert entry["outputs"][0]["shape"][-1] == 2 * config.hidden_size
+            assert all(output["shape"][-1] != config.vocab_size for output in entry["outputs"])
+    assert manifest["format"] == "reformer-onnx/2"
     assert manifest["opset"] >= 18 and manifest["pool"] == {"slots": 4, "max_length": 256, "tail_capacity": 8}
 
 

@@ -51,7 +51,7 @@ def use_backend(monkeypatch, backend: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_kernel_matches_the_torch_path(dtype, kernel_calls, monkeypatch, gpu_check):
+def test_kernel_matches_the_torch_path(dtype, kernel_calls, gpu_check):
     generator = torch.Generator().manual_seed(0)
     worst = 0.0
     for batch, heads, count, chunk, dim, before, after, causal, self_mask, with_valid in [
@@ -63,11 +63,10 @@ def test_kernel_matches_the_torch_path(dtype, kernel_calls, monkeypatch, gpu_che
         pos = pos.expand(batch, heads, -1, -1).to(CUDA)
         valid = (torch.rand(batch, 1, count, chunk, generator=generator) > 0.2).to(CUDA) if with_valid else None
         options = dict(before=before, after=after, causal=causal, self_mask=self_mask)
-        use_backend(monkeypatch, "torch")
-        expected, _ = attention.chunked_attention(q.float(), k.float(), v.float(), pos, valid, **options)
+        expected, _ = attention.chunked_attention(q.float(), k.float(), v.float(), pos, valid, **options,
+                                                  backend="torch")
         assert not kernel_calls
-        use_backend(monkeypatch, "triton")
-        actual, _ = attention.chunked_attention(q, k, v, pos, valid, **options)
+        actual, _ = attention.chunked_attention(q, k, v, pos, valid, **options, backend="triton")
         assert len(kernel_calls) == 1, "the kernel did not run"
         kernel_calls.clear()
         worst = max(worst, (actual.float() - expected).abs().max().item())
