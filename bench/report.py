@@ -180,6 +180,20 @@ def image_section(result: dict) -> list[str]:
             f"(drain timeout {result['drain_timeout_seconds']} s).", "", f"Checks: {checks}.", ""]
 
 
+def cache_section(result: dict) -> list[str]:
+    mix = " and ".join(f"{share:.0%} of {tokens:,} tokens" for share, tokens in result["mix"])
+    lines = [f"Computed {result['date'][:10]}. Bytes one sequence of {result['sequence_tokens']:,} tokens holds, and "
+             f"how many sequences of a mix ({mix}) fit in {result['budget_bytes'] / 2**30:.0f} GiB while every slot "
+             "reserves the longest length:", "",
+             "| model | dtype | before | after | before ÷ after | mixed sequences before | after |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['model']} | {row['dtype']} | {row['bytes_before'] / 2**30:.2f} GiB | "
+                     f"{row['bytes_after'] / 2**30:.2f} GiB | {row['ratio']:.2f}× | {row['mixed_sequences_before']} | "
+                     f"{row['mixed_sequences_after']} |")
+    return lines + [""]
+
+
 def loadtest_section(result: dict) -> list[str]:
     gates = ", ".join(f"{k.removeprefix('sla_').replace('_', ' ')} ≤ {v}" for k, v in result["gates"].items())
     lines = [f"### {result['device'].upper()} ({result['machine']}) — {result['date'][:10]}", "",
@@ -307,6 +321,12 @@ SECTIONS = [
      "`python -m bench.bench_export`: the core benchmark's model exported (`python -m export`) and run by "
      "onnxruntime beside the same model in PyTorch eager (no CUDA graphs), same process.",
      True),
+    ("cache", cache_section,
+     "## Decode cache: memory per sequence",
+     "`python -m bench.bench_cache`: the decoder's own sizing, before and after local layers kept only the window "
+     "their step reads (a ring of `local_attn_chunk_length × (local_num_chunks_before + 1)` positions); LSH layers "
+     "still hold every position, and every slot still reserves the longest length.",
+     False),
     ("image", image_section,
      "## The container image",
      "`deploy/check_image.sh --result bench/results/image-cpu.json`: builds the image with docker or podman, runs it "

@@ -67,10 +67,12 @@ class Decoder:
         # One spare slot at the end absorbs the padding rows of a graphed batch.
         total = num_slots + 1
         self.scratch_slot = num_slots
-        # Keys and values side by side, so that one gathered row of a window brings both. Written through
+        # Keys and values side by side, so that one gathered row of a window brings both. A local layer
+        # keeps only the positions a causal step can still read, in a ring (`cache_length`). Written through
         # once now: a CPU would otherwise map the pages lazily, at the first steps of each slot.
-        self.kv = [torch.empty(total, heads, self.max_length, 2 * size, dtype=dtype, device=device).zero_()
-                   for _ in config.attn_layers]
+        self.cache_lengths = [self.cache_length(config, kind, self.max_length) for kind in config.attn_layers]
+        self.kv = [torch.empty(total, heads, length, 2 * size, dtype=dtype, device=device).zero_()
+                   for length in self.cache_lengths]
         self.index: list[BucketIndex | None] = [
             BucketIndex(total, heads, config.num_hashes, self.max_length, tail_capacity, device)
             if kind == "lsh" else None for kind in config.attn_layers]
@@ -84,13 +86,27 @@ class Decoder:
         self._graphs = _GraphCache(self) if use_graphs else None
 
     @staticmethod
-    def bytes_per_slot(config, max_length: int, dtype: torch.dtype) -> int:
-        """Memory one slot takes: keys and values of every layer plus the LSH layers' bucket indexes."""
+    def cache_length(config, kind: str, max_length: int) -> int:
+        """Positions a layer's key/value cache holds per sequence. An LSH layer's window can reach any
+        position, so all of them; a local layer's step reads its own chunk and the `local_num_chunks_before`
+        chunks before it (no look-ahead exists in causal decoding), so a ring of that many positions, each
+        position p stored at p % length."""
+        if kind == "lsh":
+            return max_length
+        return min(max_length, config.local_attn_chunk_length * (config.local_num_chunks_before + 1))
+
+    @staticmethod
+    def layer_bytes(config, kind: str, max_length: int, dtype: torch.dtype) -> int:
+        """Memory one layer of a kind takes in one slot: keys and values, and an LSH layer's bucket index."""
         itemsize = torch.empty((), dtype=dtype).element_size()
         heads, size = config.num_attention_heads, config.attention_head_size
-        kv = config.num_layers * heads * max_length * 2 * size * itemsize
-        index = sum(kind == "lsh" for kind in config.attn_layers) * heads * config.num_hashes * max_length * 8
-        return kv + index
+        kv = heads * Decoder.cache_length(config, kind, max_length) * 2 * size * itemsize
+        return kv + (heads * config.num_hashes * max_length * 8 if kind == "lsh" else 0)
+
+    @staticmethod
+    def bytes_per_slot(config, max_length: int, dtype: torch.dtype) -> int:
+        """Memory one slot takes: every layer's `layer_bytes`."""
+        return sum(Decoder.layer_bytes(config, kind, max_length, dtype) for kind in config.attn_layers)
 
     # ---- slots ----------------------------------------------------------------------------------------
     def allocate(self) -> int | None:
@@ -162,7 +178,7 @@ class Decoder:
                 with torch.inference_mode():
                     for row, i in enumerate(members):
                         slot, length = prompts[i][0], lengths[i]
-                        self._store(layer, slot, slice(0, length), keys[row, :, :length], values[row, :, :length])
+                        self._store_prompt(layer, slot, keys[row, :, :length], values[row, :, :length])
                         if self.index[layer] is not None:
                             self.index[layer].build(slot, buckets[row, :, :, :length])
                 yield
@@ -245,16 +261,19 @@ class Decoder:
                     new_bucket_keys: list[Tensor | None]) -> None:
         """Store a step's new entries: each layer's key and value, each LSH layer's bucket key."""
         for layer, entry in enumerate(new_kv):
-            self.kv[layer][slots, :, positions] = entry
+            windowed = self.cache_lengths[layer] < self.max_length
+            self.kv[layer][slots, :, positions % self.cache_lengths[layer] if windowed else positions] = entry
             if new_bucket_keys[layer] is not None:
                 self.index[layer].append(slots, tail_length, new_bucket_keys[layer])
 
-    def _store(self, layer: int, slots, positions, keys: Tensor, values: Tensor) -> None:
-        """Write keys/values (..., H, d) for (slots, positions): ints and slices, or (B,) index tensors."""
-        cache = self.kv[layer]
+    def _store_prompt(self, layer: int, slot: int, keys: Tensor, values: Tensor) -> None:
+        """Write a prompt's keys/values (H, length, d) into a slot: all of them, or a ring's last positions."""
+        cache, length = self.kv[layer], keys.shape[1]
+        kept = min(length, self.cache_lengths[layer])
+        positions = torch.arange(length - kept, length, device=cache.device) % self.cache_lengths[layer]
         size = keys.shape[-1]
-        cache[slots, :, positions, :size] = keys
-        cache[slots, :, positions, size:] = values
+        cache[slot, :, positions, :size] = keys[:, length - kept:]
+        cache[slot, :, positions, size:] = values[:, length - kept:]
 
 
 class _GraphCache:

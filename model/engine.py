@@ -166,7 +166,9 @@ class Engine:
             log.exception("engine iteration failed; failing every request in flight")
             self.fail_all(events, 500, f"internal engine error: {error}", ErrorCode.INTERNAL)
         if self.metrics:
-            self.metrics.engine_state(running=len(self.running), waiting=len(self.waiting) + len(self.waiting_embeds))
+            taken = 1 - self.decoder.free_slots / self.decoder.num_slots
+            self.metrics.engine_state(running=len(self.running), waiting=len(self.waiting) + len(self.waiting_embeds),
+                                      cache_usage=taken)
         return events
 
     def _jobs(self) -> list[Job]:

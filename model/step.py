@@ -48,7 +48,7 @@ class _Rows:
     main_length: Tensor  # (B,)
     tail_length: Tensor  # (B,) tail entries before the new token
     hashed: Tensor  # (B, 1, 1, 1) bool
-    cache_rows: Tensor  # (B, H): flat row of each (slot, head) at position 0 of a key/value cache
+    slot_heads: Tensor  # (B, H): slot * heads + head, the row of a key/value cache before its positions
     index_rows: Tensor  # (B, H, R): row of each (slot, head, round) in a bucket index
 
 
@@ -64,10 +64,9 @@ def decode_step(model: ReformerLM, caches: StepCaches, tokens: Tensor, slots: Te
     since every arange launched inside a CUDA graph replay costs a kernel)."""
     config = model.config
     heads, rounds = config.num_attention_heads, config.num_hashes
-    max_length = caches.kv[0].shape[2]
     rows = _Rows(
         positions=positions, main_length=main_length, tail_length=tail_length, hashed=hashed.bool().view(-1, 1, 1, 1),
-        cache_rows=(slots.view(-1, 1) * heads + arange(heads)) * max_length,
+        slot_heads=slots.view(-1, 1) * heads + arange(heads),
         index_rows=(slots.view(-1, 1, 1) * heads + arange(heads).view(1, -1, 1)) * rounds + arange(rounds))
     x1 = x2 = model.embed(tokens.unsqueeze(1), positions.unsqueeze(1))  # (B, 1, hidden)
     new_kv, new_keys = [], []
@@ -84,12 +83,14 @@ def decode_step(model: ReformerLM, caches: StepCaches, tokens: Tensor, slots: Te
     return StepOutput(model.logits(model.final_hidden(x1, x2)[:, 0]).float(), new_kv, new_keys)
 
 
-def _gather(cache: Tensor, rows: _Rows, positions: Tensor, new_kv: Tensor) -> tuple[Tensor, Tensor]:
-    """Keys and values (B, H, ..., W, d) at window positions (B, H, ..., W); the new position (not yet
-    in the cache) reads the new token's entry."""
-    size = cache.shape[-1]
-    base = rows.cache_rows.view(*rows.cache_rows.shape, *([1] * (positions.dim() - 2)))
-    entries = cache.reshape(-1, size)[base + positions]
+def _gather(cache: Tensor, rows: _Rows, positions: Tensor, new_kv: Tensor, stored_at: Tensor | None = None
+            ) -> tuple[Tensor, Tensor]:
+    """Keys and values (B, H, ..., W, d) at window positions (B, H, ..., W), read where the cache stores
+    them (`stored_at`: a ring's slots; by default the positions themselves); the new position (not yet in
+    the cache) reads the new token's entry."""
+    size, length = cache.shape[-1], cache.shape[2]
+    base = rows.slot_heads.view(*rows.slot_heads.shape, *([1] * (positions.dim() - 2))) * length
+    entries = cache.reshape(-1, size)[base + (positions if stored_at is None else stored_at)]
     is_new = (positions == rows.positions.view(-1, *([1] * (positions.dim() - 1)))).unsqueeze(-1)
     fresh = new_kv.view(*new_kv.shape[:2], *([1] * (positions.dim() - 2)), size)
     entries = torch.where(is_new, fresh, entries)
@@ -100,13 +101,15 @@ def _local(attn, h: Tensor, caches: StepCaches, layer: int, rows: _Rows, arange)
     batch, heads, size = h.shape[0], attn.heads, attn.head_size
     q, k, v = (h @ caches.projections[layer].t()).view(batch, 3, heads, size).unbind(1)
     new_kv = torch.cat([k / math.sqrt(size), v], dim=-1)
-    max_length = caches.kv[layer].shape[2]
     width = attn.chunk * (attn.before + 1)
     start = (torch.div(rows.positions, attn.chunk, rounding_mode="floor") - attn.before).clamp(min=0) * attn.chunk
     window = start.view(-1, 1) + arange(width)  # (B, W)
     valid = window <= rows.positions.view(-1, 1)
-    window = window.clamp(max=max_length - 1).unsqueeze(1).expand(-1, heads, -1)
-    keys, values = _gather(caches.kv[layer], rows, window, new_kv)  # (B, H, W, d)
+    window = window.unsqueeze(1).expand(-1, heads, -1)
+    # The cache is a ring of at least the valid part of the window (Decoder.cache_length): position p is
+    # stored at p % its length; the positions past the new token that wrap onto older ones are masked.
+    stored_at = window % caches.kv[layer].shape[2]
+    keys, values = _gather(caches.kv[layer], rows, window, new_kv, stored_at)  # (B, H, W, d)
     masked, _ = mask_values(keys.dtype)
     scores = (keys @ q.unsqueeze(-1)).squeeze(-1).float()
     scores = scores.masked_fill(~valid.unsqueeze(1), masked)

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__, lifecycle, metrics, openapi, security
+from .capacity import CacheTooSmall, plan_cache
 from .http_limits import guarded_protocol
 from .settings import ServerSettings
 
@@ -26,20 +27,24 @@ log = logging.getLogger("server")
 
 def build_server(settings: ServerSettings):
     """The LitServer, the state its processes share, and the metrics directory to remove at exit (if it
-    was made here)."""
+    was made here). Raises CacheTooSmall when not one request of the longest length fits."""
+    config = settings.model_config()
+    cache = plan_cache(settings, config)
+    if cache.slots < settings.max_running:
+        log.warning("only %d of %d decode slots fit in %.1f GiB (%s) at %d tokens each", cache.slots,
+                    settings.max_running, cache.budget_bytes / 2**30, cache.budget_source, cache.max_length)
     metrics_dir, made = metrics.prepare_directory()  # before prometheus_client is imported
     import litserve as ls
 
     from .spec import ModelInfo, OpenAISpec
     from .worker import ReformerAPI
 
-    config = settings.model_config()
     device = settings.resolved_device()
     info = ModelInfo(name=settings.model_name, max_context=settings.max_context(config), vocab_size=config.vocab_size,
-                     embedding_size=2 * config.hidden_size, created=int(time.time()))
+                     embedding_size=2 * config.hidden_size, created=int(time.time()), cache=cache.describe())
     shared = lifecycle.SharedState()
     spec = OpenAISpec(settings, info, shared)
-    api = ReformerAPI(settings, spec, shared)
+    api = ReformerAPI(settings, spec, shared, cache)
     server = ls.LitServer(
         api, accelerator=device, devices=1, workers_per_device=1, timeout=False, restart_workers=True,
         healthcheck_path="/litserve/health", info_path="/litserve/info",
@@ -80,7 +85,11 @@ def _take_signals_in_http_processes(server, shared: lifecycle.SharedState) -> No
 
 def run(settings: ServerSettings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server, shared, temporary_metrics = build_server(settings)
+    try:
+        server, shared, temporary_metrics = build_server(settings)
+    except CacheTooSmall as error:  # one line that says what to change, not a traceback from the worker
+        log.error("%s", error)
+        sys.exit(2)
     log.info("serving %s from %s on %s with the %s backend at http://%s:%d", settings.model_name,
              settings.model_path, settings.resolved_device(), settings.backend, settings.host, settings.port)
     supervisor = lifecycle.Supervisor(server, shared, settings.drain_timeout)

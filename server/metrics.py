@@ -61,13 +61,24 @@ class Metrics:
                               "failure, shutdown), by error code.", ["code"])
         self.rejected = Counter("reformer:requests_rejected", "Requests refused before the engine, by status.",
                                 ["status"])
+        self.cache_usage = vllm(Gauge, "vllm:kv_cache_usage_perc", "Fraction of the decode slots taken (1 = full).",
+                                multiprocess_mode="livesum")
+        self.cache_slots = Gauge("reformer:kv_cache_slots", "Decode slots (sequences that can decode at once).",
+                                 multiprocess_mode="livesum")
+        self.cache_bytes = Gauge("reformer:kv_cache_bytes", "Memory reserved for the decode cache.",
+                                 multiprocess_mode="livesum")
         self.info = Gauge("reformer:info", "What serves: backend, device, model.", ["backend", "device", "model"],
                           multiprocess_mode="livesum")
 
     # engine side
-    def engine_state(self, *, running: int, waiting: int) -> None:
+    def engine_state(self, *, running: int, waiting: int, cache_usage: float) -> None:
         self.running.set(running)
         self.waiting.set(waiting)
+        self.cache_usage.set(cache_usage)
+
+    def cache_plan(self, *, slots: int, total_bytes: int) -> None:
+        self.cache_slots.set(slots)
+        self.cache_bytes.set(total_bytes)
 
     def queue_time(self, seconds: float) -> None:
         self.queue.observe(seconds)

@@ -42,6 +42,7 @@ class ModelInfo:
     vocab_size: int
     embedding_size: int
     created: int
+    cache: dict  # server.capacity.CachePlan.describe()
 
 
 class OpenAISpec(LitSpec):
@@ -220,7 +221,8 @@ class OpenAISpec(LitSpec):
         settings = self.settings
         return JSONResponse({"model": self.info.name, "backend": settings.backend,
                              "device": settings.resolved_device(), "execution_provider": settings.execution_provider,
-                             "max_context": self.info.max_context, "embedding_size": self.info.embedding_size})
+                             "max_context": self.info.max_context, "embedding_size": self.info.embedding_size,
+                             "cache": self.info.cache})
 
     async def metrics_route(self, request: Request) -> Response:
         from .metrics import exposition

@@ -17,12 +17,12 @@ import torch
 from litserve.loops import ContinuousBatchingLoop
 
 from model.checkpoint import load_model
-from model.decode import Decoder
 from model.engine import Engine
 from model.messages import GenerateRequest
 from model.sampling import SamplingParams
 from model.tokenizer import load_tokenizer
 
+from .capacity import CachePlan, serving_dtype
 from .engine_client import is_shutdown_sentinel, message_of, outputs_by_route
 from .lifecycle import SharedState, worker_signals
 from .settings import ServerSettings
@@ -81,10 +81,11 @@ class EngineLoop(ContinuousBatchingLoop):
 class ReformerAPI(ls.LitAPI):
     """Loads the model on the worker's device and serves it through one engine (one copy of the weights)."""
 
-    def __init__(self, settings: ServerSettings, spec, shared: SharedState):
+    def __init__(self, settings: ServerSettings, spec, shared: SharedState, cache: CachePlan):
         super().__init__(stream=True, spec=spec, loop=EngineLoop(), max_batch_size=settings.max_running)
         self.settings = settings
         self.shared = shared
+        self.cache = cache  # planned in the main process (server.capacity)
         self.engine: Engine | None = None
 
     def setup(self, device: str) -> None:
@@ -96,13 +97,13 @@ class ReformerAPI(ls.LitAPI):
         if device == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 2)))
         model = load_model(settings.model_path)
-        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        dtype = serving_dtype(device)
         model = model.to(device=device, dtype=dtype).eval()
         metrics = Metrics(settings.model_name)
         metrics.info.labels(backend=settings.backend, device=settings.execution_provider or device,
                             model=settings.model_name).set(1)
-        max_length = settings.max_context(model.config)
-        slots = self._slots_that_fit(model.config, max_length, dtype, device)
+        slots, max_length = self.cache.slots, self.cache.max_length
+        metrics.cache_plan(slots=slots, total_bytes=self.cache.total_bytes)
         decoder = embedder = None
         if settings.backend == "onnx":
             decoder, embedder = self._onnx_backend(model, slots, max_length, device)
@@ -144,24 +145,6 @@ class ReformerAPI(ls.LitAPI):
         exported = ExportedModel(directory, device)
         decoder = OnnxDecoder(model, exported, prefill_batch_tokens=settings.prefill_batch_tokens)
         return decoder, functools.partial(embed_steps, exported, model.config, torch.device(device))
-
-    def _slots_that_fit(self, config, max_length: int, dtype: torch.dtype, device: str) -> int:
-        """As many decode slots as asked for, or as the cache budget holds (each slot spans max_length)."""
-        budget = self.settings.kv_cache_bytes
-        if budget is None:
-            if device.startswith("cuda"):
-                budget = torch.cuda.mem_get_info(torch.device(device))[0] // 2
-            else:
-                budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
-        per_slot = Decoder.bytes_per_slot(config, max_length, dtype)
-        slots = min(self.settings.max_running, budget // per_slot - 1)  # one spare slot for graph padding
-        if slots < 1:
-            raise RuntimeError(f"one decode slot of {max_length} tokens needs {per_slot / 2**30:.1f} GiB, more than "
-                               f"the cache budget of {budget / 2**30:.1f} GiB: lower --max-model-len")
-        if slots < self.settings.max_running:
-            log.warning("only %d of %d decode slots fit in %.1f GiB at %d tokens each", slots,
-                        self.settings.max_running, budget / 2**30, max_length)
-        return slots
 
     def _warm_up(self) -> None:
         """One prefill and a few steps before reporting ready (first CUDA kernels, graph capture)."""

@@ -4,11 +4,12 @@ import pytest
 import torch
 from transformers.models.reformer import modeling_reformer
 
+from model.config import ReformerConfig
 from model.decode import Decoder
 from model.generate import generate
 from model.sampling import SamplingParams
-from tests.reference import (build_pair, describe, normalize_reference_round_offsets, random_hf_kwargs, random_ids,
-                             rng_for)
+from tests.reference import (TINY, build_pair, describe, normalize_reference_round_offsets, random_hf_kwargs,
+                             random_ids, rng_for)
 
 CASES = 16
 TOTAL = 48  # prompt + generated tokens per sequence (the tiny models address 64 positions)
@@ -136,3 +137,21 @@ def test_copied_slot_continues_like_its_source():
     for token in feed[1:]:
         logits = decoder.step([source, target], [token, token])
         assert (logits[0] - logits[1]).abs().max() == 0
+
+
+def test_local_layers_cache_only_the_window_a_step_reads():
+    """A causal local layer reads its own chunk and `local_num_chunks_before` before it: its cache is a ring of
+    that many positions (the steps above wrap it many times over), an LSH layer's spans the context."""
+    _, ours = build_pair(dict(TINY))  # local chunks of 4 with one before; 64 positions
+    decoder = Decoder(ours, num_slots=2)
+    assert [cache.shape[2] for cache in decoder.kv] == [8, 64, 8, 64]
+    config = ours.config
+    per_position = config.num_attention_heads * 2 * config.attention_head_size * 4  # fp32 keys and values
+    index = 2 * config.num_attention_heads * config.num_hashes * 64 * 8  # two LSH layers' int64 bucket keys
+    assert Decoder.bytes_per_slot(config, 64, torch.float32) == per_position * (8 + 64 + 8 + 64) + index
+    # ... which is what the pool allocates (the spare slot included; the short index tails aside).
+    allocated = sum(cache.nbytes for cache in decoder.kv) + sum(i.main.nbytes for i in decoder.index if i)
+    assert allocated == 3 * Decoder.bytes_per_slot(config, 64, torch.float32)
+    # A window longer than the context keeps every position.
+    wide = ReformerConfig.from_hf_dict(dict(TINY, local_attn_chunk_length=64, axial_pos_shape=[4, 16]))
+    assert Decoder.cache_length(wide, "local", 64) == 64

@@ -12,8 +12,7 @@ from model.engine import Engine
 from model.messages import (Cancel, EmbedRequest, Embeddings, ErrorCode, Failed, Finished, FinishReason,
                             GenerateRequest, Token)
 from model.sampling import MIN_TEMPERATURE, InvalidParameter, Sampler
-from server.settings import ServerSettings, parse_args
-from server.worker import ReformerAPI
+from server.settings import parse_args
 from tests.server_harness import tiny_checkpoint
 
 GREEDY = SamplingParams(max_tokens=9, temperature=0.0)
@@ -241,19 +240,6 @@ def test_a_failure_nobody_can_be_blamed_for_fails_everything_and_the_engine_goes
     monkeypatch.undo()
     engine.submit(GenerateRequest("after", (5, 6), GREEDY))
     assert tokens_of(run(engine), "after") == alone(model, [5, 6])
-
-
-def test_slot_count_follows_the_cache_budget(tmp_path):
-    checkpoint = tiny_checkpoint(tmp_path / "tiny")
-    settings = ServerSettings(model=str(checkpoint), max_running=16, kv_cache_bytes=4 << 20)
-    api = ReformerAPI.__new__(ReformerAPI)
-    api.settings = settings
-    config = settings.model_config()
-    per_slot = 4 * 2 * 512 * 2 * 16 * 4 + 2 * 2 * 2 * 512 * 8  # four layers of keys+values, two bucket indexes
-    assert api._slots_that_fit(config, 512, torch.float32, "cpu") == (4 << 20) // per_slot - 1 == 6
-    settings.kv_cache_bytes = per_slot
-    with pytest.raises(RuntimeError, match="lower --max-model-len"):
-        api._slots_that_fit(config, 512, torch.float32, "cpu")
 
 
 def test_command_line_needs_a_model_until_the_default_exists(tmp_path, monkeypatch):

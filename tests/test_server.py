@@ -296,8 +296,13 @@ def test_tokenize_detokenize_health_metrics(server):
     metrics = httpx.get(f"{server.url}/metrics").text
     for name in ("vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds", "vllm:num_requests_waiting",
                  "vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds", "vllm:prompt_tokens_total",
-                 "vllm:generation_tokens_total", "reformer:prefill_tokens_per_second", 'reformer:info{backend="torch"'):
+                 "vllm:generation_tokens_total", "reformer:prefill_tokens_per_second", 'reformer:info{backend="torch"',
+                 "vllm:kv_cache_usage_perc", "reformer:kv_cache_slots", "reformer:kv_cache_bytes"):
         assert name in metrics, name
+    assert server.metric("reformer:kv_cache_slots") == MAX_RUNNING and server.metric("vllm:kv_cache_usage_perc") == 0
+    cache = httpx.get(f"{server.url}/info", headers=server.headers).json()["cache"]
+    assert cache["slots"] == MAX_RUNNING and cache["max_length"] == 512
+    assert cache["total_bytes"] == (MAX_RUNNING + 1) * cache["bytes_per_slot"] == server.metric("reformer:kv_cache_bytes")
 
 
 # ---- bad input ----------------------------------------------------------------------------------------

@@ -1,0 +1,71 @@
+"""The decode cache's plan: slots from the budget, windowed local layers, and a start-up that fails in one line."""
+
+import subprocess
+import sys
+
+import pytest
+
+from bench.bench_cache import ENWIK8_SHAPE
+from bench.launcher import free_port
+from model.config import ReformerConfig
+from server.capacity import GIB, CacheTooSmall, plan_cache
+from server.settings import ServerSettings
+from tests.server_harness import tiny_checkpoint
+
+ENWIK8 = ReformerConfig(**ENWIK8_SHAPE)
+
+
+def test_slots_follow_the_budget(tmp_path):
+    checkpoint = tiny_checkpoint(tmp_path / "tiny")  # local, lsh, local, lsh; chunks of 16, one before; 2 x 16
+    settings = ServerSettings(model=str(checkpoint), max_running=16, kv_cache_bytes=4 << 20, device="cpu")
+    kv = 2 * 2 * 16 * 4  # heads x (key + value) x head size x fp32, per position
+    per_slot = 2 * 512 * kv + 2 * 32 * kv + 2 * 2 * 2 * 512 * 8  # LSH layers: 512 positions; local: a ring of 32
+    plan = plan_cache(settings, settings.model_config())
+    assert plan.bytes_per_slot == per_slot and plan.slots == (4 << 20) // per_slot - 1 == 12  # one spare slot
+    assert plan.lsh_layer_bytes_per_token == kv + 2 * 2 * 8 and plan.local_layer_bytes_per_sequence == 32 * kv
+    settings.kv_cache_bytes = 100 * per_slot
+    assert plan_cache(settings, settings.model_config()).slots == 16  # never more than asked for
+
+
+def test_a_budget_that_holds_no_request_names_what_fits(tmp_path):
+    checkpoint = tiny_checkpoint(tmp_path / "tiny")
+    settings = ServerSettings(model=str(checkpoint), kv_cache_bytes=300_000, device="cpu")
+    config = settings.model_config()
+    with pytest.raises(CacheTooSmall) as refused:
+        plan_cache(settings, config)
+    message = str(refused.value)
+    assert "\n" not in message and "--kv-cache-bytes" in message
+    fits = int(message.split("--max-model-len ")[1].split()[0])
+    assert plan_cache(ServerSettings(model=str(checkpoint), kv_cache_bytes=300_000, device="cpu",
+                                     max_model_len=fits), config).slots == 1
+    with pytest.raises(CacheTooSmall):
+        plan_cache(ServerSettings(model=str(checkpoint), kv_cache_bytes=300_000, device="cpu",
+                                  max_model_len=fits + config.padding_multiple), config)
+
+
+def test_an_enwik8_shaped_model_fits_its_full_context_on_a_24_gb_machine():
+    """A quarter of 24 GB, the CPU default: every layer at 65,536 positions needed 6.0 GiB a slot; the local
+    layers' rings leave the three LSH layers' 1.6 GiB."""
+    budget = 24 * 10**9 // 4
+    every_position = 12 * 8 * 65536 * 2 * 128 * 4 + 3 * 8 * 4 * 65536 * 8
+    assert every_position > budget / 2  # what the cache was: not one slot and its spare
+    plan = plan_cache(ServerSettings(kv_cache_bytes=budget, device="cpu"), ENWIK8)
+    assert plan.max_length == 65536 and plan.slots >= 1
+    assert every_position / plan.bytes_per_slot > 3.5
+
+
+def test_the_gpu_budget_leaves_room_for_the_weights(monkeypatch):
+    monkeypatch.setattr(ServerSettings, "resolved_device", lambda self: "cuda")  # no GPU needed: free memory is given
+    settings = ServerSettings(device="cuda")
+    plan = plan_cache(settings, ENWIK8, free_gpu_bytes=40 * GIB)
+    weights = 149_182_722 * 2  # fp16
+    assert plan.budget_bytes == (40 * GIB - weights) // 2 and plan.dtype == "float16"
+
+
+def test_start_up_fails_in_one_line_when_no_request_fits():
+    command = [sys.executable, "-m", "server", "--port", str(free_port()), "--kv-cache-bytes", str(20 << 20)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in output
+    lines = [line for line in output.splitlines() if "decode cache" in line]
+    assert len(lines) == 1 and "--max-model-len" in lines[0] and "--kv-cache-bytes" in lines[0]
