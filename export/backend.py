@@ -24,10 +24,12 @@ class OnnxDecoder(Decoder):
     def __init__(self, model: ReformerLM, exported: ExportedModel, *, prefill_batch_tokens: int = 65536):
         pool_shape = exported.manifest["pool"]
         super().__init__(model, pool_shape["slots"], pool_shape["max_length"], tail_capacity=pool_shape["tail_capacity"],
-                         cuda_graphs=False, prefill_batch_tokens=prefill_batch_tokens)
+                         cuda_graphs=False, prefill_batch_tokens=prefill_batch_tokens,
+                         cache_blocks=pool_shape["cache_blocks"], block_size=pool_shape["block_size"])
         self.exported = exported
         self.lsh = [i for i, kind in enumerate(self.config.attn_layers) if kind == "lsh"]
-        self._graph_caches = [*self.kv, *[self.index[i].main for i in self.lsh], *[self.index[i].tail for i in self.lsh]]
+        self._graph_caches = [self.blocks.table, *self.kv, *[self.index[i].main for i in self.lsh],
+                              *[self.index[i].tail for i in self.lsh]]
 
     def _group_forward(self, ids: Tensor, mask: Tensor):
         hidden, *outputs = run_prefill(self.exported, self.config, ids, mask)

@@ -21,6 +21,7 @@ import onnx
 import torch
 
 from model.checkpoint import WEIGHTS
+from model.decode import BLOCK_SIZE, Decoder
 from model.reformer import ReformerLM
 
 from .graphs import DecodeGraph, PrefillGraph
@@ -60,17 +61,17 @@ def _check(path: Path) -> onnx.ModelProto:
 
 
 def export_model(model: ReformerLM, out: str | Path, *, slots: int, max_length: int, tail_capacity: int = 64,
-                 source: str | Path | None = None, progress: Callable[[str], None] = print) -> dict:
+                 cache_blocks: int | None = None, block_size: int = BLOCK_SIZE, source: str | Path | None = None,
+                 progress: Callable[[str], None] = print) -> dict:
     """Write the graphs and manifest.json into `out`; returns the manifest."""
-    from model.decode import Decoder
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     config = model.config
     manifest = {"format": FORMAT, "opset": OPSET, "dtype": str(model.dtype).removeprefix("torch."),
                 "config": config.to_dict(), "graphs": {}, "torch": torch.__version__,
-                "pool": {"slots": slots, "max_length": max_length, "tail_capacity": tail_capacity}}
+                "pool": {"slots": slots, "max_length": max_length, "tail_capacity": tail_capacity,
+                         "cache_blocks": cache_blocks, "block_size": block_size}}
     if source is not None and (Path(source) / WEIGHTS).exists():
         digest = hashlib.sha256((Path(source) / WEIGHTS).read_bytes()).hexdigest()
         manifest["source"] = {"path": str(source), "sha256": digest}
@@ -100,7 +101,8 @@ def export_model(model: ReformerLM, out: str | Path, *, slots: int, max_length: 
         progress(f"  {path.name}: {path.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - started:.0f} s")
     started = time.perf_counter()
     progress(f"exporting decode (pool of {slots} slots x {max_length} tokens, tail {tail_capacity})")
-    decoder = Decoder(model, num_slots=slots, max_length=max_length, tail_capacity=tail_capacity, cuda_graphs=False)
+    decoder = Decoder(model, num_slots=slots, max_length=max_length, tail_capacity=tail_capacity, cuda_graphs=False,
+                      cache_blocks=cache_blocks, block_size=block_size)
     lsh = [i for i, kind in enumerate(config.attn_layers) if kind == "lsh"]
     caches = (*decoder.kv, *[decoder.index[i].main for i in lsh], *[decoder.index[i].tail for i in lsh])
     # tokens, slots, positions, main lengths, tail lengths, hashed flags of two example sequences
@@ -108,10 +110,11 @@ def export_model(model: ReformerLM, out: str | Path, *, slots: int, max_length: 
                                                          [1, 1]))
     batch = torch.export.Dim("batch", min=1, max=slots)
     with torch.no_grad():
-        program = torch.export.export(DecodeGraph(model).eval(), (*step_inputs, *caches),
-                                      dynamic_shapes=(*[{0: batch}] * 6, tuple(None for _ in caches)))
+        inputs = (*step_inputs, decoder.blocks.table, *caches)
+        program = torch.export.export(DecodeGraph(model).eval(), inputs,
+                                      dynamic_shapes=(*[{0: batch}] * 6, None, tuple(None for _ in caches)))
         path = out / "decode.onnx"
-        torch.onnx.export(program, (*step_inputs, *caches), str(path), dynamo=True, opset_version=OPSET,
+        torch.onnx.export(program, inputs, str(path), dynamo=True, opset_version=OPSET,
                           external_data=False, verbose=False)
     manifest["graphs"]["decode"] = {"file": path.name, **_describe(_check(path))}
     progress(f"  {path.name}: {path.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - started:.0f} s")

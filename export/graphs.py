@@ -6,8 +6,8 @@
   head in torch to the rows it wants, as the torch decoder does. B and L are
   dynamic; L must be a multiple of the chunk lengths and longer than the longest chunk (the caller pads,
   as the reference does), which takes the bucketed path in every layer.
-- `DecodeGraph`: one decode step for B sequences (B dynamic) of a slot pool of fixed size: the caches are
-  inputs (never modified), the outputs are the logits and the new token's cache entries, which the caller
+- `DecodeGraph`: one decode step for B sequences (B dynamic) of a slot pool of fixed size: the block table
+  and the caches are inputs (never modified), the outputs are the logits and the new token's cache entries, which the caller
   writes into its pool. The same function as the torch decoder (`model.step.decode_step`).
 Rotations are initializers; nothing random, nothing specialised to an example's batch or length.
 """
@@ -48,7 +48,7 @@ class DecodeGraph(nn.Module):
             self.register_buffer(f"projection_{index}", weight.detach().clone())
 
     def forward(self, tokens: Tensor, slots: Tensor, positions: Tensor, main_length: Tensor, tail_length: Tensor,
-                hashed: Tensor, *caches: Tensor) -> tuple[Tensor, ...]:
+                hashed: Tensor, block_table: Tensor, *caches: Tensor) -> tuple[Tensor, ...]:
         layers, lsh = self.model.config.num_layers, self.lsh_layers
         kv = list(caches[:layers])
         main, tail = [None] * layers, [None] * layers
@@ -56,6 +56,6 @@ class DecodeGraph(nn.Module):
             main[layer] = caches[layers + position]
             tail[layer] = caches[layers + len(lsh) + position]
         projections = [getattr(self, f"projection_{i}") for i in range(layers)]
-        step = decode_step(self.model, StepCaches(kv, main, tail, projections), tokens, slots, positions,
+        step = decode_step(self.model, StepCaches(kv, main, tail, projections, block_table), tokens, slots, positions,
                            main_length, tail_length, hashed, lambda n: torch.arange(n, device=tokens.device))
         return (step.logits, *step.new_kv, *[step.new_bucket_keys[layer] for layer in lsh])

@@ -15,9 +15,10 @@ import onnxruntime as ort
 import torch
 from torch import Tensor
 
-# What export.exporter writes into manifest.json and this module reads (2: the prefill graph returns only
-# hidden states and cache entries; 1 also returned full logits and a pooled vector nobody read).
-FORMAT = "reformer-onnx/2"
+# What export.exporter writes into manifest.json and this module reads (3: the decode graph reads LSH layers'
+# keys and values through a block table, local layers' from rings; 2: the prefill graph returns only hidden
+# states and cache entries; 1 also returned full logits and a pooled vector nobody read).
+FORMAT = "reformer-onnx/3"
 
 DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16,
           "tensor(int64)": torch.int64, "tensor(bool)": torch.bool, "tensor(int32)": torch.int32}

@@ -18,12 +18,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .blocks import BlockTable
 from .bucket_index import BucketIndex
 from .embed import length_groups
 from .reformer import ReformerLM, drain, pad_batch, run_layers
 from .step import StepCaches, decode_step, fused_projections
 
 log = logging.getLogger(__name__)
+
+BLOCK_SIZE = 256  # positions in one cache block of the LSH layers (`model.blocks`)
 
 
 class ContextLengthError(ValueError):
@@ -39,6 +42,7 @@ class SlotState:
     tail_length: int = 0  # tokens in its unsorted tail
     hashed: bool = False  # the reference's "bucket cache is non-empty"
     active: bool = False
+    capacity: int = 0  # positions its cache blocks hold (prompt + completion may not exceed it)
 
 
 @dataclass
@@ -51,7 +55,10 @@ class Decoder:
     """A slot pool over one model: prefill prompts into slots, then step many slots at once."""
 
     def __init__(self, model: ReformerLM, num_slots: int, max_length: int | None = None, *,
-                 tail_capacity: int = 64, cuda_graphs: bool | None = None, prefill_batch_tokens: int = 65536):
+                 tail_capacity: int = 64, cuda_graphs: bool | None = None, prefill_batch_tokens: int = 65536,
+                 cache_blocks: int | None = None, block_size: int = BLOCK_SIZE):
+        """`cache_blocks` of `block_size` positions hold the LSH layers' keys and values (`model.blocks`);
+        the default lets every slot reach `max_length` at once."""
         config = model.config
         if not config.is_decoder:
             raise ValueError("incremental decoding needs a causal model (is_decoder=True)")
@@ -67,12 +74,17 @@ class Decoder:
         # One spare slot at the end absorbs the padding rows of a graphed batch.
         total = num_slots + 1
         self.scratch_slot = num_slots
-        # Keys and values side by side, so that one gathered row of a window brings both. A local layer
-        # keeps only the positions a causal step can still read, in a ring (`cache_length`). Written through
-        # once now: a CPU would otherwise map the pages lazily, at the first steps of each slot.
+        # Keys and values side by side, so that one gathered row of a window brings both. An LSH layer's are
+        # in blocks lent to each sequence for what it needs (`model.blocks`; block 0 is scratch); a local layer
+        # keeps only the positions a causal step can still read, in a ring per slot (`cache_length`). Written
+        # through once now: a CPU would otherwise map the pages lazily, at the first steps of each slot.
+        per_slot = -(-self.max_length // block_size)
+        blocks = (num_slots * per_slot if cache_blocks is None else cache_blocks) if "lsh" in config.attn_layers else 0
+        self.blocks = BlockTable(total, blocks, block_size, self.max_length, device)
         self.cache_lengths = [self.cache_length(config, kind, self.max_length) for kind in config.attn_layers]
-        self.kv = [torch.empty(total, heads, length, 2 * size, dtype=dtype, device=device).zero_()
-                   for length in self.cache_lengths]
+        self.kv = [torch.empty(*((blocks + 1, heads, block_size) if kind == "lsh" else (total, heads, length)),
+                               2 * size, dtype=dtype, device=device).zero_()
+                   for kind, length in zip(config.attn_layers, self.cache_lengths)]
         self.index: list[BucketIndex | None] = [
             BucketIndex(total, heads, config.num_hashes, self.max_length, tail_capacity, device)
             if kind == "lsh" else None for kind in config.attn_layers]
@@ -80,7 +92,8 @@ class Decoder:
         self._free = list(range(num_slots))
         # What a step reads; index ranges are made once (inside a CUDA graph each arange is a kernel launch).
         self._caches = StepCaches(kv=self.kv, main=[i.main if i else None for i in self.index],
-                                  tail=[i.tail if i else None for i in self.index], projections=fused_projections(model))
+                                  tail=[i.tail if i else None for i in self.index],
+                                  projections=fused_projections(model), block_table=self.blocks.table)
         self._ranges: dict[int, Tensor] = {}
         use_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._graphs = _GraphCache(self) if use_graphs else None
@@ -97,44 +110,89 @@ class Decoder:
 
     @staticmethod
     def layer_bytes(config, kind: str, max_length: int, dtype: torch.dtype) -> int:
-        """Memory one layer of a kind takes in one slot: keys and values, and an LSH layer's bucket index."""
+        """Memory one layer of a kind takes for one sequence of `max_length` positions: keys and values,
+        and an LSH layer's bucket index."""
         itemsize = torch.empty((), dtype=dtype).element_size()
         heads, size = config.num_attention_heads, config.attention_head_size
         kv = heads * Decoder.cache_length(config, kind, max_length) * 2 * size * itemsize
         return kv + (heads * config.num_hashes * max_length * 8 if kind == "lsh" else 0)
 
     @staticmethod
-    def bytes_per_slot(config, max_length: int, dtype: torch.dtype) -> int:
-        """Memory one slot takes: every layer's `layer_bytes`."""
-        return sum(Decoder.layer_bytes(config, kind, max_length, dtype) for kind in config.attn_layers)
+    def slot_bytes(config, max_length: int, dtype: torch.dtype) -> int:
+        """What a slot holds whatever its sequence's length: local layers' rings, LSH layers' bucket indexes."""
+        rings = config.attn_layers.count("local") * Decoder.layer_bytes(config, "local", max_length, dtype)
+        indexes = config.attn_layers.count("lsh") * config.num_attention_heads * config.num_hashes * max_length * 8
+        return rings + indexes
+
+    @staticmethod
+    def block_bytes(config, block_size: int, dtype: torch.dtype) -> int:
+        """Keys and values of every LSH layer for `block_size` positions."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return (config.attn_layers.count("lsh") * config.num_attention_heads * block_size * 2
+                * config.attention_head_size * itemsize)
+
+    @staticmethod
+    def bytes_per_slot(config, max_length: int, dtype: torch.dtype, block_size: int = BLOCK_SIZE) -> int:
+        """Memory one sequence of `max_length` positions takes: its slot and its blocks."""
+        blocks = -(-max_length // block_size) if "lsh" in config.attn_layers else 0
+        return Decoder.slot_bytes(config, max_length, dtype) + blocks * Decoder.block_bytes(config, block_size, dtype)
 
     # ---- slots ----------------------------------------------------------------------------------------
-    def allocate(self) -> int | None:
-        """A free slot, or None when the pool is full."""
-        if not self._free:
+    def room_for(self, demands: Sequence[tuple[int, int]]) -> bool:
+        """Whether slots and cache blocks for every (sequences, tokens each) demand are free now."""
+        slots = sum(sequences for sequences, _ in demands)
+        blocks = sum(sequences * self.blocks.needed(tokens) for sequences, tokens in demands)
+        return slots <= len(self._free) and blocks <= self.blocks.free_blocks
+
+    def can_allocate(self, sequences: int, tokens: int | None = None) -> bool:
+        """Whether `sequences` slots of `tokens` positions each (default: max_length) are free now."""
+        return self.room_for([(sequences, tokens or self.max_length)])
+
+    def could_ever_allocate(self, sequences: int, tokens: int) -> bool:
+        """Whether the empty pool would have room for them."""
+        return self.num_slots >= sequences and self.blocks.num_blocks >= sequences * self.blocks.needed(tokens)
+
+    def allocate(self, tokens: int | None = None) -> int | None:
+        """A free slot with cache blocks for `tokens` positions (default: max_length), or None when there
+        is no room for them now."""
+        if not self.can_allocate(1, tokens):
             return None
         slot = self._free.pop(0)
-        self.slots[slot] = SlotState(active=True)
+        capacity = self.blocks.lend(slot, tokens or self.max_length)
+        self.slots[slot] = SlotState(active=True, capacity=min(capacity, self.max_length))
         return slot
 
     def free(self, slot: int) -> None:
         if self.slots[slot].active:
+            self.blocks.give_back(slot)
             self.slots[slot] = SlotState()
             self._free.append(slot)
 
     def copy_slot(self, source: int, target: int) -> None:
-        """Give `target` (allocated) the same cached sequence as `source`: a fork without a new prefill."""
+        """Give `target` (allocated, with at least as many blocks) the same cached sequence as `source`: a
+        fork without a new prefill."""
+        targets, sources = self.blocks.lent_to(target), self.blocks.lent_to(source)
         with torch.inference_mode():
-            for cache in self.kv:
-                cache[target].copy_(cache[source])
+            for layer, cache in enumerate(self.kv):
+                if self.index[layer] is None:
+                    cache[target].copy_(cache[source])
+                elif sources:
+                    cache[targets[:len(sources)]] = cache[sources]
             for index in self.index:
                 if index is not None:
                     index.copy_row(source, target)
-        self.slots[target] = dataclasses.replace(self.slots[source])
+        self.slots[target] = dataclasses.replace(self.slots[source], capacity=self.slots[target].capacity)
 
     @property
     def free_slots(self) -> int:
         return len(self._free)
+
+    @property
+    def usage(self) -> float:
+        """The share of the cache lent out: blocks where LSH layers use them, else slots."""
+        if self.blocks.num_blocks:
+            return 1 - self.blocks.free_blocks / self.blocks.num_blocks
+        return 1 - len(self._free) / self.num_slots
 
     def check_fits(self, prompt_length: int, max_new_tokens: int) -> None:
         """Refuse up front a request that would run past the context (never mid-generation)."""
@@ -161,8 +219,8 @@ class Decoder:
         for slot, ids in prompts:
             if not self.slots[slot].active:
                 raise ValueError(f"slot {slot} is not allocated")
-            if len(ids) > self.max_length or len(ids) < 1:
-                raise ContextLengthError(f"prompt of {len(ids)} tokens does not fit 1..{self.max_length}")
+            if len(ids) > self.slots[slot].capacity or len(ids) < 1:
+                raise ContextLengthError(f"prompt of {len(ids)} tokens does not fit 1..{self.slots[slot].capacity}")
         last = [None] * len(prompts)
         every = [None] * len(prompts)
         lengths = [len(ids) for _, ids in prompts]
@@ -186,7 +244,8 @@ class Decoder:
                 for row, i in enumerate(members):
                     slot, length = prompts[i][0], lengths[i]
                     self.slots[slot] = SlotState(length=length, main_length=length, active=True,
-                                                 hashed=padded > config.lsh_attn_chunk_length)
+                                                 hashed=padded > config.lsh_attn_chunk_length,
+                                                 capacity=self.slots[slot].capacity)
                     last[i] = logits_of(row, slice(length - 1, length))[0].float()
                     if prompt_logits:
                         every[i] = logits_of(row, slice(0, length)).float()
@@ -212,8 +271,8 @@ class Decoder:
         for slot, state in zip(slots, states):
             if not state.active or state.length < 1:
                 raise ValueError(f"slot {slot} has no prefilled sequence")
-            if state.length >= self.max_length:
-                raise ContextLengthError(f"slot {slot} is full ({self.max_length} tokens)")
+            if state.length >= state.capacity:
+                raise ContextLengthError(f"slot {slot} is full ({state.capacity} tokens)")
         inputs = torch.tensor(
             [list(tokens), list(slots), [s.length for s in states], [s.main_length for s in states],
              [s.tail_length for s in states], [int(s.hashed) for s in states]], dtype=torch.long)
@@ -261,17 +320,24 @@ class Decoder:
                     new_bucket_keys: list[Tensor | None]) -> None:
         """Store a step's new entries: each layer's key and value, each LSH layer's bucket key."""
         for layer, entry in enumerate(new_kv):
-            windowed = self.cache_lengths[layer] < self.max_length
-            self.kv[layer][slots, :, positions % self.cache_lengths[layer] if windowed else positions] = entry
+            if self.index[layer] is not None:
+                blocks, offsets = self.blocks.locate(slots, positions)
+                self.kv[layer][blocks, :, offsets] = entry
+            else:
+                self.kv[layer][slots, :, positions % self.cache_lengths[layer]] = entry
             if new_bucket_keys[layer] is not None:
                 self.index[layer].append(slots, tail_length, new_bucket_keys[layer])
 
     def _store_prompt(self, layer: int, slot: int, keys: Tensor, values: Tensor) -> None:
-        """Write a prompt's keys/values (H, length, d) into a slot: all of them, or a ring's last positions."""
-        cache, length = self.kv[layer], keys.shape[1]
+        """Write a prompt's keys/values (H, length, d) into a slot: into its blocks (LSH layers), or a ring's
+        last positions."""
+        cache, length, size = self.kv[layer], keys.shape[1], keys.shape[-1]
+        if self.index[layer] is not None:
+            blocks, offsets = self.blocks.locate(slot, torch.arange(length, device=cache.device))
+            cache[blocks, :, offsets] = torch.cat([keys, values], dim=-1).transpose(0, 1)
+            return
         kept = min(length, self.cache_lengths[layer])
         positions = torch.arange(length - kept, length, device=cache.device) % self.cache_lengths[layer]
-        size = keys.shape[-1]
         cache[slot, :, positions, :size] = keys[:, length - kept:]
         cache[slot, :, positions, size:] = values[:, length - kept:]
 

@@ -81,6 +81,11 @@ class GenerateJob:
     def slots(self) -> int:
         return self.request.n
 
+    @property
+    def reserve(self) -> int:
+        """Positions each choice's cache holds: the prompt and every token it may generate."""
+        return len(self.request.prompt_ids) + self.request.params.max_tokens
+
 
 @dataclass(eq=False)
 class EmbedJob:
@@ -128,14 +133,15 @@ def finish_reason(params: SamplingParams, eos_token_id: int | None, token: int, 
 
 class Engine:
     def __init__(self, model: ReformerLM, tokenizer=None, *, max_running: int = 16, max_length: int | None = None,
-                 prefill_batch_tokens: int = 65536, tail_capacity: int = 64, metrics=None,
-                 decoder: Decoder | None = None, embedder=None):
+                 prefill_batch_tokens: int = 65536, tail_capacity: int = 64, cache_blocks: int | None = None,
+                 metrics=None, decoder: Decoder | None = None, embedder=None):
         """`decoder` and `embedder(documents, pooling=, max_batch_tokens=)` default to torch's; the ONNX
         backend passes its own. Without a tokenizer, tokens carry no text and stop strings are refused."""
         self.model = model
         self.tokenizer = tokenizer
         self.decoder = decoder or Decoder(model, num_slots=max_running, max_length=max_length,
-                                          tail_capacity=tail_capacity, prefill_batch_tokens=prefill_batch_tokens)
+                                          tail_capacity=tail_capacity, prefill_batch_tokens=prefill_batch_tokens,
+                                          cache_blocks=cache_blocks)
         self.adjuster = LogitsAdjuster(self.decoder.num_slots, model.config.vocab_size, self.decoder.device)
         self.embed_steps = embedder or functools.partial(embed_steps, model)
         self.prefill_batch_tokens = prefill_batch_tokens
@@ -166,9 +172,8 @@ class Engine:
             log.exception("engine iteration failed; failing every request in flight")
             self.fail_all(events, 500, f"internal engine error: {error}", ErrorCode.INTERNAL)
         if self.metrics:
-            taken = 1 - self.decoder.free_slots / self.decoder.num_slots
             self.metrics.engine_state(running=len(self.running), waiting=len(self.waiting) + len(self.waiting_embeds),
-                                      cache_usage=taken)
+                                      cache_usage=self.decoder.usage)
         return events
 
     def _jobs(self) -> list[Job]:
@@ -230,6 +235,13 @@ class Engine:
         self.decoder.check_fits(len(request.prompt_ids), request.params.max_tokens)
         if not 1 <= request.n <= self.decoder.num_slots:
             raise ValueError(f"'n' must be in 1..{self.decoder.num_slots} (the decode slots), got {request.n}")
+        tokens = len(request.prompt_ids) + request.params.max_tokens
+        if not self.decoder.could_ever_allocate(request.n, tokens):
+            blocks = self.decoder.blocks
+            raise ContextLengthError(
+                f"{request.n} sequence(s) of {tokens} tokens (prompt and max_tokens) need "
+                f"{request.n * blocks.needed(tokens)} cache blocks of {blocks.block_size} tokens; this server has "
+                f"{blocks.num_blocks}: lower max_tokens or n")
         if (request.stop or not request.skip_special_tokens) and self.tokenizer is None:
             raise ValueError("stop strings and special-token text need a tokenizer")
         job = GenerateJob(request, now, deadline)
@@ -284,7 +296,7 @@ class Engine:
 
     # ---- prefills and embedding batches --------------------------------------------------------------
     def _next_work(self, now: float) -> Work | None:
-        can_prefill = bool(self.waiting) and self.decoder.free_slots >= self.waiting[0].slots
+        can_prefill = bool(self.waiting) and self.decoder.room_for([(self.waiting[0].slots, self.waiting[0].reserve)])
         if not can_prefill and not self.waiting_embeds:
             return None
         embeds = bool(self.waiting_embeds) and (self._embeds_next or not can_prefill)
@@ -297,10 +309,13 @@ class Engine:
                                      max_batch_tokens=self.prefill_batch_tokens)
             lengths = [len(d) for d in documents]
         else:
-            members, tokens = _take_within(self.waiting, self.prefill_batch_tokens, slots=self.decoder.free_slots)
-            for job in members:  # every choice's slot now; the prompt is computed in the first one only
+            def room(jobs):
+                return self.decoder.room_for([(job.slots, job.reserve) for job in jobs])
+
+            members, tokens = _take_within(self.waiting, self.prefill_batch_tokens, room=room)
+            for job in members:  # every choice's slot and cache blocks now; the prompt is computed in the first only
                 for choice in job.choices:
-                    choice.slot = self.decoder.allocate()
+                    choice.slot = self.decoder.allocate(job.reserve)
             steps = self.decoder.prefill_steps([(job.choices[0].slot, list(job.request.prompt_ids))
                                                 for job in members],
                                                prompt_logits=any(job.request.prompt_logprobs for job in members))
@@ -448,19 +463,18 @@ class Engine:
         return Token(choice.job.uid, picked.token, text, picked.logprob, picked.top_logprobs, choice.index, reason)
 
 
-def _take_within(pending: deque, budget: int, *, slots: int | None = None, pooling: bool = False):
-    """Pop jobs from the front while their sizes fit the token budget (the first always goes) and their
-    choices the free decode `slots`; for embeddings only jobs that pool the same way; a job marked `alone`
-    goes alone."""
-    members, total, used = [], 0, 0
-    while pending and (slots is None or used + pending[0].slots <= slots):
+def _take_within(pending: deque, budget: int, *, room=None, pooling: bool = False):
+    """Pop jobs from the front while their sizes fit the token budget (the first always goes) and, for
+    generation, `room(jobs)` says the decoder has slots and cache blocks for all of them; for embeddings
+    only jobs that pool the same way; a job marked `alone` goes alone."""
+    members, total = [], 0
+    while pending and (room is None or room([*members, pending[0]])):
         job = pending[0]
         if members and (job.alone or members[0].alone or total + job.tokens > budget
                         or (pooling and job.request.pooling != members[0].request.pooling)):
             break
         members.append(pending.popleft())
         total += job.tokens
-        used += job.slots
     return members, total
 
 

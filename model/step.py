@@ -24,13 +24,16 @@ from .reformer import ReformerLM
 
 @dataclass
 class StepCaches:
-    """What a step reads: per layer the key/value cache (slots, H, L, 2d), and for LSH layers the bucket
-    index's sorted keys (slots, H, R, L) and tails (slots, H, R, T); fused projection weights per layer."""
+    """What a step reads: per layer the key/value cache (a local layer's ring per slot (slots, H, W, 2d), an
+    LSH layer's blocks (blocks, H, block size, 2d) found through `block_table` (slots, blocks per slot)), for
+    LSH layers the bucket index's sorted keys (slots, H, R, L) and tails (slots, H, R, T); fused projection
+    weights per layer."""
 
     kv: list[Tensor]
     main: list[Tensor | None]
     tail: list[Tensor | None]
     projections: list[Tensor]
+    block_table: Tensor
 
 
 @dataclass
@@ -48,7 +51,8 @@ class _Rows:
     main_length: Tensor  # (B,)
     tail_length: Tensor  # (B,) tail entries before the new token
     hashed: Tensor  # (B, 1, 1, 1) bool
-    slot_heads: Tensor  # (B, H): slot * heads + head, the row of a key/value cache before its positions
+    slots: Tensor  # (B,)
+    heads: Tensor  # (H,) arange
     index_rows: Tensor  # (B, H, R): row of each (slot, head, round) in a bucket index
 
 
@@ -66,7 +70,7 @@ def decode_step(model: ReformerLM, caches: StepCaches, tokens: Tensor, slots: Te
     heads, rounds = config.num_attention_heads, config.num_hashes
     rows = _Rows(
         positions=positions, main_length=main_length, tail_length=tail_length, hashed=hashed.bool().view(-1, 1, 1, 1),
-        slot_heads=slots.view(-1, 1) * heads + arange(heads),
+        slots=slots, heads=arange(heads),
         index_rows=(slots.view(-1, 1, 1) * heads + arange(heads).view(1, -1, 1)) * rounds + arange(rounds))
     x1 = x2 = model.embed(tokens.unsqueeze(1), positions.unsqueeze(1))  # (B, 1, hidden)
     new_kv, new_keys = [], []
@@ -83,14 +87,14 @@ def decode_step(model: ReformerLM, caches: StepCaches, tokens: Tensor, slots: Te
     return StepOutput(model.logits(model.final_hidden(x1, x2)[:, 0]).float(), new_kv, new_keys)
 
 
-def _gather(cache: Tensor, rows: _Rows, positions: Tensor, new_kv: Tensor, stored_at: Tensor | None = None
+def _gather(cache: Tensor, rows: _Rows, positions: Tensor, new_kv: Tensor, cells: Tensor, where: Tensor
             ) -> tuple[Tensor, Tensor]:
-    """Keys and values (B, H, ..., W, d) at window positions (B, H, ..., W), read where the cache stores
-    them (`stored_at`: a ring's slots; by default the positions themselves); the new position (not yet in
-    the cache) reads the new token's entry."""
-    size, length = cache.shape[-1], cache.shape[2]
-    base = rows.slot_heads.view(*rows.slot_heads.shape, *([1] * (positions.dim() - 2))) * length
-    entries = cache.reshape(-1, size)[base + (positions if stored_at is None else stored_at)]
+    """Keys and values (B, H, ..., W, d) at window positions (B, H, ..., W), read from `cache[cells, head,
+    where]` (a slot and a ring index, or a block and an offset in it); the new position (not yet in the
+    cache) reads the new token's entry."""
+    size, heads, length = cache.shape[-1], cache.shape[1], cache.shape[2]
+    head = rows.heads.view(1, -1, *([1] * (positions.dim() - 2)))
+    entries = cache.reshape(-1, size)[(cells * heads + head) * length + where]
     is_new = (positions == rows.positions.view(-1, *([1] * (positions.dim() - 1)))).unsqueeze(-1)
     fresh = new_kv.view(*new_kv.shape[:2], *([1] * (positions.dim() - 2)), size)
     entries = torch.where(is_new, fresh, entries)
@@ -108,8 +112,8 @@ def _local(attn, h: Tensor, caches: StepCaches, layer: int, rows: _Rows, arange)
     window = window.unsqueeze(1).expand(-1, heads, -1)
     # The cache is a ring of at least the valid part of the window (Decoder.cache_length): position p is
     # stored at p % its length; the positions past the new token that wrap onto older ones are masked.
-    stored_at = window % caches.kv[layer].shape[2]
-    keys, values = _gather(caches.kv[layer], rows, window, new_kv, stored_at)  # (B, H, W, d)
+    ring = caches.kv[layer].shape[2]
+    keys, values = _gather(caches.kv[layer], rows, window, new_kv, rows.slots.view(-1, 1, 1), window % ring)
     masked, _ = mask_values(keys.dtype)
     scores = (keys @ q.unsqueeze(-1)).squeeze(-1).float()
     scores = scores.masked_fill(~valid.unsqueeze(1), masked)
@@ -121,7 +125,7 @@ def _lsh(attn, h: Tensor, caches: StepCaches, layer: int, rows: _Rows, arange) -
     batch, heads, size = h.shape[0], attn.heads, attn.head_size
     qk, v = (h @ caches.projections[layer].t()).view(batch, 2, heads, size).unbind(1)
     new_kv = torch.cat([normalize_keys(qk), v], dim=-1)
-    max_length = caches.kv[layer].shape[2]
+    max_length = caches.main[layer].shape[-1]
     buckets = hash_vectors(qk.unsqueeze(2), attn.rotations, attn.num_buckets)[..., 0]  # (B, H, R)
     new_key = bucket_index.bucket_keys(buckets, rows.positions.view(-1, 1, 1))
     width = attn.chunk * (1 + attn.before + attn.after)
@@ -135,7 +139,11 @@ def _lsh(attn, h: Tensor, caches: StepCaches, layer: int, rows: _Rows, arange) -
     window = torch.where(rows.hashed, window, everything.clamp(max=max_length - 1))
     # (logical operators rather than a boolean where, which onnxruntime does not implement)
     valid = (rows.hashed & (everything < width)) | (~rows.hashed & (everything <= rows.positions.view(-1, 1, 1, 1)))
-    keys, values = _gather(caches.kv[layer], rows, window, new_kv)  # (B, H, R, W, d)
+    # Each position's block through the sequence's row of the block table, then its offset in the block.
+    block_size, per_slot = caches.kv[layer].shape[2], caches.block_table.shape[1]
+    table_row = rows.slots.view(-1, 1, 1, 1) * per_slot
+    blocks = caches.block_table.reshape(-1)[table_row + torch.div(window, block_size, rounding_mode="floor")]
+    keys, values = _gather(caches.kv[layer], rows, window, new_kv, blocks, window % block_size)  # (B, H, R, W, d)
     masked, self_value = mask_values(keys.dtype)
     scores = (keys @ qk.view(batch, heads, 1, size, 1)).squeeze(-1).float()  # (B, H, R, W)
     scores = scores.masked_fill(window == rows.positions.view(-1, 1, 1, 1), self_value)

@@ -30,9 +30,11 @@ def build_server(settings: ServerSettings):
     was made here). Raises CacheTooSmall when not one request of the longest length fits."""
     config = settings.model_config()
     cache = plan_cache(settings, config)
-    if cache.slots < settings.max_running:
-        log.warning("only %d of %d decode slots fit in %.1f GiB (%s) at %d tokens each", cache.slots,
-                    settings.max_running, cache.budget_bytes / 2**30, cache.budget_source, cache.max_length)
+    if cache.full_length_sequences < settings.max_running:
+        log.warning("the decode cache (%.1f GiB: %s) holds %d slots of the %d asked for, and %d requests of the "
+                    "full %d tokens at once (shorter ones borrow fewer blocks)", cache.budget_bytes / 2**30,
+                    cache.budget_source, cache.slots, settings.max_running, cache.full_length_sequences,
+                    cache.max_length)
     metrics_dir, made = metrics.prepare_directory()  # before prometheus_client is imported
     import litserve as ls
 

@@ -61,8 +61,11 @@ class Metrics:
                               "failure, shutdown), by error code.", ["code"])
         self.rejected = Counter("reformer:requests_rejected", "Requests refused before the engine, by status.",
                                 ["status"])
-        self.cache_usage = vllm(Gauge, "vllm:kv_cache_usage_perc", "Fraction of the decode slots taken (1 = full).",
+        self.cache_usage = vllm(Gauge, "vllm:kv_cache_usage_perc", "Fraction of the decode cache lent out (1 = full): "
+                                "LSH layers' blocks, or slots for a model without LSH layers.",
                                 multiprocess_mode="livesum")
+        self.cache_blocks = Gauge("reformer:kv_cache_blocks", "Cache blocks of the LSH layers (model.blocks).",
+                                  multiprocess_mode="livesum")
         self.cache_slots = Gauge("reformer:kv_cache_slots", "Decode slots (sequences that can decode at once).",
                                  multiprocess_mode="livesum")
         self.cache_bytes = Gauge("reformer:kv_cache_bytes", "Memory reserved for the decode cache.",
@@ -76,8 +79,9 @@ class Metrics:
         self.waiting.set(waiting)
         self.cache_usage.set(cache_usage)
 
-    def cache_plan(self, *, slots: int, total_bytes: int) -> None:
+    def cache_plan(self, *, slots: int, blocks: int, total_bytes: int) -> None:
         self.cache_slots.set(slots)
+        self.cache_blocks.set(blocks)
         self.cache_bytes.set(total_bytes)
 
     def queue_time(self, seconds: float) -> None:

@@ -103,14 +103,14 @@ class ReformerAPI(ls.LitAPI):
         metrics.info.labels(backend=settings.backend, device=settings.execution_provider or device,
                             model=settings.model_name).set(1)
         slots, max_length = self.cache.slots, self.cache.max_length
-        metrics.cache_plan(slots=slots, total_bytes=self.cache.total_bytes)
+        metrics.cache_plan(slots=slots, blocks=self.cache.blocks, total_bytes=self.cache.total_bytes)
         decoder = embedder = None
         if settings.backend == "onnx":
             decoder, embedder = self._onnx_backend(model, slots, max_length, device)
         self.engine = Engine(model, load_tokenizer(settings.model_path), max_running=slots, max_length=max_length,
                              prefill_batch_tokens=settings.prefill_batch_tokens,
-                             tail_capacity=settings.tail_capacity, metrics=metrics, decoder=decoder,
-                             embedder=embedder)
+                             tail_capacity=settings.tail_capacity, cache_blocks=self.cache.blocks, metrics=metrics,
+                             decoder=decoder, embedder=embedder)
         self._warm_up()
         log.info("engine ready: %s on %s (%s), backend %s%s, %d decode slots of %d tokens", settings.model_name,
                  device, str(dtype).removeprefix("torch."), settings.backend,
@@ -126,7 +126,8 @@ class ReformerAPI(ls.LitAPI):
         from export.runtime import FORMAT, ExportedModel
 
         settings = self.settings
-        pool = {"slots": slots, "max_length": max_length, "tail_capacity": settings.tail_capacity}
+        pool = {"slots": slots, "max_length": max_length, "tail_capacity": settings.tail_capacity,
+                "cache_blocks": self.cache.blocks, "block_size": self.cache.block_size}
         directory = Path(settings.onnx_dir or Path.home() / ".cache" / "reformer-server" / "onnx" /
                          f"{settings.model_name}-{slots}x{max_length}-{str(model.dtype).removeprefix('torch.')}")
         manifest = directory / "manifest.json"

@@ -4,10 +4,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from bench.bench_cache import ENWIK8_SHAPE
 from bench.launcher import free_port
 from model.config import ReformerConfig
+from model.decode import Decoder
 from server.capacity import GIB, CacheTooSmall, plan_cache
 from server.settings import ServerSettings
 from tests.server_harness import tiny_checkpoint
@@ -15,16 +17,22 @@ from tests.server_harness import tiny_checkpoint
 ENWIK8 = ReformerConfig(**ENWIK8_SHAPE)
 
 
-def test_slots_follow_the_budget(tmp_path):
+def test_slots_and_blocks_follow_the_budget(tmp_path):
     checkpoint = tiny_checkpoint(tmp_path / "tiny")  # local, lsh, local, lsh; chunks of 16, one before; 2 x 16
     settings = ServerSettings(model=str(checkpoint), max_running=16, kv_cache_bytes=4 << 20, device="cpu")
     kv = 2 * 2 * 16 * 4  # heads x (key + value) x head size x fp32, per position
-    per_slot = 2 * 512 * kv + 2 * 32 * kv + 2 * 2 * 2 * 512 * 8  # LSH layers: 512 positions; local: a ring of 32
+    slot = 2 * 32 * kv + 2 * 2 * 2 * 512 * 8  # local layers' rings of 32; LSH layers' bucket keys, 512 positions
+    block = 2 * 256 * kv  # both LSH layers' keys and values for 256 positions
     plan = plan_cache(settings, settings.model_config())
-    assert plan.bytes_per_slot == per_slot and plan.slots == (4 << 20) // per_slot - 1 == 12  # one spare slot
+    assert (plan.slot_bytes, plan.block_bytes, plan.block_size) == (slot, block, 256)
+    # 16 slots, their spare and the scratch block leave room for 24 blocks: 12 requests of 512 tokens at once,
+    # or 16 shorter ones (a slot per sequence alone would have held 12 of any length).
+    assert plan.slots == 16 and plan.blocks == ((4 << 20) - 17 * slot) // block - 1 == 24
+    assert plan.full_length_sequences == 12 and plan.total_bytes == 17 * slot + 25 * block <= 4 << 20
     assert plan.lsh_layer_bytes_per_token == kv + 2 * 2 * 8 and plan.local_layer_bytes_per_sequence == 32 * kv
-    settings.kv_cache_bytes = 100 * per_slot
-    assert plan_cache(settings, settings.model_config()).slots == 16  # never more than asked for
+    settings.kv_cache_bytes = 1 << 30
+    plan = plan_cache(settings, settings.model_config())
+    assert plan.slots == 16 and plan.blocks == 32  # never more than every slot at the full length needs
 
 
 def test_a_budget_that_holds_no_request_names_what_fits(tmp_path):
@@ -51,7 +59,7 @@ def test_an_enwik8_shaped_model_fits_its_full_context_on_a_24_gb_machine():
     assert every_position > budget / 2  # what the cache was: not one slot and its spare
     plan = plan_cache(ServerSettings(kv_cache_bytes=budget, device="cpu"), ENWIK8)
     assert plan.max_length == 65536 and plan.slots >= 1
-    assert every_position / plan.bytes_per_slot > 3.5
+    assert every_position / Decoder.bytes_per_slot(ENWIK8, 65536, torch.float32) > 3.5
 
 
 def test_the_gpu_budget_leaves_room_for_the_weights(monkeypatch):

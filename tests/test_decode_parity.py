@@ -52,7 +52,7 @@ def test_cached_steps_match_reference_at_batch_1(case):
     for prompt_length in lengths:
         ids = random_ids(rng, 1, TOTAL, kwargs["vocab_size"])
         expected = _reference_steps(reference, config, ids, prompt_length)
-        decoder = Decoder(ours, num_slots=2, tail_capacity=rng.choice([1, 3, 8]))
+        decoder = Decoder(ours, num_slots=2, tail_capacity=rng.choice([1, 3, 8]), block_size=rng.choice([4, 8, 64]))
         slot = decoder.allocate()
         actual = [decoder.prefill([(slot, ids[0, :prompt_length].tolist())]).last_logits[0]]
         for t in range(prompt_length, TOTAL):
@@ -95,15 +95,18 @@ def test_batched_decoding_equals_each_row_alone(case):
         return torch.stack(out)
 
     expected = [alone(i) for i in range(5)]
-    decoder = Decoder(ours, num_slots=3, tail_capacity=4)
+    # Blocks of 4 positions, fewer than three sequences of the full length need: each sequence borrows
+    # what it needs, and blocks given back are lent again in another order.
+    decoder = Decoder(ours, num_slots=3, tail_capacity=4, block_size=4, cache_blocks=24)
     got = {i: [] for i in range(5)}
     progress = {}
     waiting = list(range(5))
     while waiting or progress:
         # admit as many as fit, several prompts in one prefill call
         admitted = []
-        while waiting and decoder.free_slots:
-            admitted.append((decoder.allocate(), waiting.pop(0)))
+        while waiting and decoder.can_allocate(1, len(prompts[waiting[0]]) + len(feeds[waiting[0]])):
+            i = waiting.pop(0)
+            admitted.append((decoder.allocate(len(prompts[i]) + len(feeds[i])), i))
         if admitted:
             result = decoder.prefill([(slot, prompts[i]) for slot, i in admitted])
             for (slot, i), logits in zip(admitted, result.last_logits):
@@ -139,19 +142,30 @@ def test_copied_slot_continues_like_its_source():
         assert (logits[0] - logits[1]).abs().max() == 0
 
 
-def test_local_layers_cache_only_the_window_a_step_reads():
+def test_local_layers_cache_their_window_and_lsh_layers_blocks():
     """A causal local layer reads its own chunk and `local_num_chunks_before` before it: its cache is a ring of
-    that many positions (the steps above wrap it many times over), an LSH layer's spans the context."""
+    that many positions per slot (the steps above wrap it many times over); an LSH layer's window can reach
+    any position, so its keys and values live in blocks lent to each sequence for what it needs."""
     _, ours = build_pair(dict(TINY))  # local chunks of 4 with one before; 64 positions
-    decoder = Decoder(ours, num_slots=2)
-    assert [cache.shape[2] for cache in decoder.kv] == [8, 64, 8, 64]
+    decoder = Decoder(ours, num_slots=2, block_size=16, cache_blocks=5)
+    assert [tuple(cache.shape[:3]) for cache in decoder.kv] == [(3, 2, 8), (6, 2, 16), (3, 2, 8), (6, 2, 16)]
     config = ours.config
     per_position = config.num_attention_heads * 2 * config.attention_head_size * 4  # fp32 keys and values
     index = 2 * config.num_attention_heads * config.num_hashes * 64 * 8  # two LSH layers' int64 bucket keys
-    assert Decoder.bytes_per_slot(config, 64, torch.float32) == per_position * (8 + 64 + 8 + 64) + index
-    # ... which is what the pool allocates (the spare slot included; the short index tails aside).
+    assert Decoder.slot_bytes(config, 64, torch.float32) == 2 * 8 * per_position + index
+    assert Decoder.block_bytes(config, 16, torch.float32) == 2 * 16 * per_position
+    assert Decoder.bytes_per_slot(config, 64, torch.float32, 16) == per_position * (8 + 64 + 8 + 64) + index
+    # ... which is what the pool allocates (a spare slot and a scratch block included; index tails aside).
     allocated = sum(cache.nbytes for cache in decoder.kv) + sum(i.main.nbytes for i in decoder.index if i)
-    assert allocated == 3 * Decoder.bytes_per_slot(config, 64, torch.float32)
+    assert allocated == 3 * Decoder.slot_bytes(config, 64, torch.float32) + 6 * Decoder.block_bytes(config, 16,
+                                                                                                  torch.float32)
+    # A sequence borrows the blocks it needs, up front; what is not free now waits, what never fits is said.
+    first = decoder.allocate(40)  # 3 blocks
+    assert decoder.slots[first].capacity == 48 and decoder.blocks.free_blocks == 2
+    assert not decoder.can_allocate(1, 40) and decoder.can_allocate(1, 32) and decoder.allocate(40) is None
+    assert decoder.could_ever_allocate(1, 64) and not decoder.could_ever_allocate(2, 48)  # 4 and 2 x 3 of 5
+    decoder.free(first)
+    assert decoder.blocks.free_blocks == 5 and decoder.blocks.table[first].eq(0).all()
     # A window longer than the context keeps every position.
     wide = ReformerConfig.from_hf_dict(dict(TINY, local_attn_chunk_length=64, axial_pos_shape=[4, 16]))
     assert Decoder.cache_length(wide, "local", 64) == 64

@@ -67,6 +67,26 @@ def test_text_stream_can_keep_the_stop_string_and_show_special_tokens():
     assert text + shown.finish() == "a</s>b"
 
 
+def test_requests_borrow_cache_blocks_for_what_they_need_and_wait_for_them(model):
+    """Four slots but two blocks of 256 positions: requests of 14 tokens take a block each, so two decode at
+    once and the others wait (never fail); one that could never get its blocks is refused with a 400."""
+    engine = Engine(model, ByteTokenizer(), max_running=4, cache_blocks=2)
+    assert engine.decoder.blocks.block_size == 256
+    for uid in "abc":
+        engine.submit(GenerateRequest(uid, (5, 6, 7, 8, 9), GREEDY))
+    engine.submit(GenerateRequest("too-big", (5, 6, 7), SamplingParams(max_tokens=300), n=2))  # 2 x 2 blocks
+    outputs, running = [], []
+    while engine.has_work():
+        outputs += [output for _, output in engine.iteration()]
+        running.append(len(engine.running))
+    assert max(running) == 2
+    for uid in "abc":
+        assert tokens_of(outputs, uid) == alone(model, [5, 6, 7, 8, 9]) and isinstance(ending(outputs, uid), Finished)
+    refused = ending(outputs, "too-big")
+    assert refused.status == 400 and refused.code is ErrorCode.CONTEXT_LENGTH and "cache blocks" in refused.message
+    assert engine.decoder.blocks.free_blocks == 2 and engine.decoder.free_slots == 4 and engine.decoder.usage == 0
+
+
 def test_n_choices_come_from_one_prefill_copied_into_n_slots(model):
     engine = Engine(model, ByteTokenizer(), max_running=4)
     prompt = (5, 6, 7, 8, 9)

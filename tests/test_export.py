@@ -38,7 +38,9 @@ def exported(request, tmp_path_factory):
             if parameter.dim() >= 2:
                 parameter.mul_(4)
     directory = tmp_path_factory.mktemp("onnx") / request.param
-    export_model(model, directory, slots=4, max_length=256, tail_capacity=8, progress=lambda _: None)
+    # Blocks of 16 positions, fewer than four full-length sequences need: sequences borrow by their length.
+    export_model(model, directory, slots=4, max_length=256, tail_capacity=8, cache_blocks=40, block_size=16,
+                 progress=lambda _: None)
     return model, ExportedModel(directory, "cpu")
 
 
@@ -61,8 +63,9 @@ def test_graphs_are_valid_deterministic_and_dynamic(exported):
             assert len(entry["outputs"]) == 1 + config.num_layers + config.attn_layers.count("lsh")
             assert entry["outputs"][0]["shape"][-1] == 2 * config.hidden_size
             assert all(output["shape"][-1] != config.vocab_size for output in entry["outputs"])
-    assert manifest["format"] == "reformer-onnx/2"
-    assert manifest["opset"] >= 18 and manifest["pool"] == {"slots": 4, "max_length": 256, "tail_capacity": 8}
+    assert manifest["format"] == "reformer-onnx/3"
+    assert manifest["opset"] >= 18 and manifest["pool"] == {"slots": 4, "max_length": 256, "tail_capacity": 8,
+                                                             "cache_blocks": 40, "block_size": 16}
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -75,7 +78,7 @@ def test_logits_and_embeddings_match_torch_across_lengths(exported, batch):
     assert (expected - actual).abs().max() <= 1e-4
     for documents_group in (documents[:batch], documents[-batch:]):
         decoder, onnx_decoder = Decoder(model, 4, 256, tail_capacity=8), OnnxDecoder(model, graphs)
-        slots = [(decoder.allocate(), onnx_decoder.allocate()) for _ in documents_group]
+        slots = [(decoder.allocate(), onnx_decoder.allocate(len(d))) for d in documents_group]
         torch_logits = decoder.prefill([(a, d) for (a, _), d in zip(slots, documents_group)], prompt_logits=True)
         onnx_logits = onnx_decoder.prefill([(b, d) for (_, b), d in zip(slots, documents_group)], prompt_logits=True)
         assert (torch_logits.last_logits - onnx_logits.last_logits).abs().max() <= 1e-4
@@ -90,7 +93,7 @@ def test_decode_steps_match_torch_and_repeat_exactly(exported):
     runs = []
     for _ in range(2):
         onnx_decoder = OnnxDecoder(model, graphs)
-        slots = [onnx_decoder.allocate() for _ in prompts]
+        slots = [onnx_decoder.allocate(len(p) + 32) for p in prompts]
         logits = [onnx_decoder.prefill(list(zip(slots, prompts))).last_logits]
         for t in range(32):  # 32 steps: several tail merges (capacity 8); batch of 3, then 1
             active = slots if t % 4 else slots[1:2]

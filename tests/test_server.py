@@ -302,7 +302,9 @@ def test_tokenize_detokenize_health_metrics(server):
     assert server.metric("reformer:kv_cache_slots") == MAX_RUNNING and server.metric("vllm:kv_cache_usage_perc") == 0
     cache = httpx.get(f"{server.url}/info", headers=server.headers).json()["cache"]
     assert cache["slots"] == MAX_RUNNING and cache["max_length"] == 512
-    assert cache["total_bytes"] == (MAX_RUNNING + 1) * cache["bytes_per_slot"] == server.metric("reformer:kv_cache_bytes")
+    assert cache["total_bytes"] == (MAX_RUNNING + 1) * cache["slot_bytes"] + (cache["blocks"] + 1) * cache["block_bytes"]
+    assert cache["total_bytes"] == server.metric("reformer:kv_cache_bytes")
+    assert cache["blocks"] == server.metric("reformer:kv_cache_blocks") == MAX_RUNNING * 512 // cache["block_size"]
 
 
 # ---- bad input ----------------------------------------------------------------------------------------

@@ -1,0 +1,57 @@
+"""Fixed-size blocks of LSH-layer cache positions, lent to each sequence for what it needs.
+
+An LSH layer's decode window can reach any earlier position, so it caches all of them; but a sequence needs
+only `prompt + max_tokens` positions, not the pool's maximum length. The keys and values of every LSH layer
+live in one pool of blocks of `block_size` positions (the same block ids in every LSH layer), and
+`table[slot, i]` is the block that holds a sequence's positions `i * block_size ...` (vLLM's block tables).
+A sequence borrows all its blocks when it is admitted, so it can never run out mid-generation: a request
+that does not find them waits, one that could never find them is refused. Block 0 is scratch: the rows that
+pad a CUDA-graph batch, and the unlent entries of the table, point at it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+from torch import Tensor
+
+
+class BlockTable:
+    def __init__(self, slots: int, blocks: int, block_size: int, max_length: int, device: torch.device):
+        self.block_size = block_size
+        self.num_blocks = blocks
+        self.per_slot = -(-max_length // block_size)
+        self.table = torch.zeros(slots, self.per_slot, dtype=torch.long, device=device)
+        self._free = deque(range(1, blocks + 1))
+        self._lent: dict[int, list[int]] = {}
+
+    def needed(self, tokens: int) -> int:
+        return -(-tokens // self.block_size) if self.num_blocks else 0
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    def lend(self, slot: int, tokens: int) -> int:
+        """Give a slot the blocks for `tokens` positions; returns the positions it may hold."""
+        count = self.needed(tokens)
+        if count > len(self._free):
+            raise RuntimeError(f"{count} cache blocks asked for, {len(self._free)} free")
+        blocks = [self._free.popleft() for _ in range(count)]
+        self._lent[slot] = blocks
+        if blocks:
+            self.table[slot, :count] = torch.tensor(blocks, device=self.table.device)
+        return count * self.block_size if self.num_blocks else tokens
+
+    def give_back(self, slot: int) -> None:
+        self._free.extend(self._lent.pop(slot, []))
+        self.table[slot].zero_()
+
+    def lent_to(self, slot: int) -> list[int]:
+        return self._lent.get(slot, [])
+
+    def locate(self, slots: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """(block, offset in the block) of each (slot, position); `slots` broadcasts against `positions`."""
+        blocks = self.table[slots, torch.div(positions, self.block_size, rounding_mode="floor")]
+        return blocks, positions % self.block_size
