@@ -28,6 +28,7 @@ import torch
 from bench import RESULTS, ROOT
 from bench.bench_core import BENCH_MODEL
 from model.config import ReformerConfig
+from model.blocks import blocks_for
 from model.decode import BLOCK_SIZE, Decoder
 
 # google/reformer-enwik8's shape (../shared/docs/reformer-reference.md, section 7): 9 local and 3 LSH layers.
@@ -60,7 +61,7 @@ def lent_capacity(config: ReformerConfig, dtype: torch.dtype, budget: int) -> tu
     slot count that serves the most, each slot costing its rings and bucket indexes."""
     longest = max(tokens for _, tokens in MIX)
     slot, block = Decoder.slot_bytes(config, longest, dtype), Decoder.block_bytes(config, BLOCK_SIZE, dtype)
-    per_sequence = sum(share * -(-tokens // BLOCK_SIZE) for share, tokens in MIX)  # blocks, on average
+    per_sequence = sum(share * blocks_for(tokens, BLOCK_SIZE) for share, tokens in MIX)  # blocks, on average
     best = (0, 0)
     for slots in range(1, budget // slot):
         blocks = (budget - (slots + 1) * slot) // block - 1

@@ -17,17 +17,22 @@ import torch
 from torch import Tensor
 
 
+def blocks_for(tokens: int, block_size: int) -> int:
+    """Blocks that hold `tokens` positions."""
+    return -(-tokens // block_size)
+
+
 class BlockTable:
     def __init__(self, slots: int, blocks: int, block_size: int, max_length: int, device: torch.device):
         self.block_size = block_size
         self.num_blocks = blocks
-        self.per_slot = -(-max_length // block_size)
+        self.per_slot = blocks_for(max_length, block_size)
         self.table = torch.zeros(slots, self.per_slot, dtype=torch.long, device=device)
         self._free = deque(range(1, blocks + 1))
         self._lent: dict[int, list[int]] = {}
 
     def needed(self, tokens: int) -> int:
-        return -(-tokens // self.block_size) if self.num_blocks else 0
+        return blocks_for(tokens, self.block_size) if self.num_blocks else 0
 
     @property
     def free_blocks(self) -> int:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .blocks import BlockTable
+from .blocks import BlockTable, blocks_for
 from .bucket_index import BucketIndex
 from .embed import length_groups
 from .reformer import ReformerLM, drain, pad_batch, run_layers
@@ -78,7 +78,7 @@ class Decoder:
         # in blocks lent to each sequence for what it needs (`model.blocks`; block 0 is scratch); a local layer
         # keeps only the positions a causal step can still read, in a ring per slot (`cache_length`). Written
         # through once now: a CPU would otherwise map the pages lazily, at the first steps of each slot.
-        per_slot = -(-self.max_length // block_size)
+        per_slot = blocks_for(self.max_length, block_size)
         blocks = (num_slots * per_slot if cache_blocks is None else cache_blocks) if "lsh" in config.attn_layers else 0
         self.blocks = BlockTable(total, blocks, block_size, self.max_length, device)
         self.cache_lengths = [self.cache_length(config, kind, self.max_length) for kind in config.attn_layers]
@@ -134,7 +134,7 @@ class Decoder:
     @staticmethod
     def bytes_per_slot(config, max_length: int, dtype: torch.dtype, block_size: int = BLOCK_SIZE) -> int:
         """Memory one sequence of `max_length` positions takes: its slot and its blocks."""
-        blocks = -(-max_length // block_size) if "lsh" in config.attn_layers else 0
+        blocks = blocks_for(max_length, block_size) if "lsh" in config.attn_layers else 0
         return Decoder.slot_bytes(config, max_length, dtype) + blocks * Decoder.block_bytes(config, block_size, dtype)
 
     # ---- slots ----------------------------------------------------------------------------------------

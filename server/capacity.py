@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from model.config import ReformerConfig
+from model.blocks import blocks_for
 from model.decode import BLOCK_SIZE, Decoder
 from model.reformer import ReformerLM
 
@@ -47,7 +48,7 @@ class CachePlan:
         """Requests of `max_length` tokens that can decode at once."""
         if not self.block_bytes:
             return self.slots
-        return min(self.slots, self.blocks // -(-self.max_length // self.block_size))
+        return min(self.slots, self.blocks // blocks_for(self.max_length, self.block_size))
 
     @property
     def total_bytes(self) -> int:
@@ -71,7 +72,7 @@ def plan_cache(settings: ServerSettings, config: ReformerConfig, *, free_gpu_byt
     budget, source = _budget(settings, config, device, dtype, free_gpu_bytes)
     slot_bytes = Decoder.slot_bytes(config, max_length, dtype)
     block_bytes = Decoder.block_bytes(config, BLOCK_SIZE, dtype)
-    longest = -(-max_length // BLOCK_SIZE) if block_bytes else 0  # the blocks of one longest request
+    longest = blocks_for(max_length, BLOCK_SIZE) if block_bytes else 0  # the blocks of one longest request
     # Slots first (they are small), as many as asked for while one longest request's blocks still fit.
     slots = min(settings.max_running, (budget - (longest + 1) * block_bytes) // slot_bytes - 1)
     if slots < 1:
@@ -95,7 +96,7 @@ def plan_cache(settings: ServerSettings, config: ReformerConfig, *, free_gpu_byt
 def _one_request_bytes(config: ReformerConfig, dtype: torch.dtype, length: int) -> int:
     """A pool with one slot and the blocks of one request of `length` tokens (spare slot, scratch block)."""
     block_bytes = Decoder.block_bytes(config, BLOCK_SIZE, dtype)
-    blocks = -(-length // BLOCK_SIZE) if block_bytes else 0
+    blocks = blocks_for(length, BLOCK_SIZE) if block_bytes else 0
     return 2 * Decoder.slot_bytes(config, length, dtype) + (blocks + 1) * block_bytes
 
 
