@@ -6,7 +6,7 @@ The same model, the same tokens, one forward + backward each, every measurement 
 - GPU: the GPU training preset (6 layers, d=512) at 16K and 64K tokens, bf16 autocast; peak allocated
   memory above the weights and their gradients (torch.cuda.max_memory_allocated). An ordinary run that
   does not fit is reported as such.
-- CPU: the CPU training preset (4 layers, d=256) and a 12-layer version of it at 4K and 16K tokens; peak
+- CPU: the CPU training preset's shape (4 layers, d=256) and a 12-layer version of it at 4K and 16K tokens; peak
   resident memory (ru_maxrss) above the process's resident memory before the step.
 Writes bench/results/train-memory-<device>.json for `python -m bench.report`.
 """
@@ -27,11 +27,12 @@ import torch
 
 from bench import RESULTS, ROOT
 from model.reformer import ReformerLM
-from training.train import PRESETS, language_model_loss
+from training.train import PRESETS, language_model_loss, vocabulary_size
 
 PLAN = {
     "cuda": {"preset": "gpu", "lengths": (16384, 65536), "layers": (6,)},
     "cpu": {"preset": "cpu", "lengths": (4096, 16384), "layers": (4, 12)},
+    "quick": {"preset": "tiny", "lengths": (512,), "layers": (2,)},  # a smoke run
 }
 
 
@@ -43,7 +44,8 @@ def _rss_bytes() -> int:
 def one_step(device_type: str, preset: str, length: int, layers: int, reversible: bool) -> dict:
     """Run in a fresh process: the peak memory of one forward + backward, beyond the model and its gradients."""
     device = torch.device(device_type)
-    config = PRESETS[preset][0]()
+    make_config, settings = PRESETS[preset]
+    config = make_config(vocabulary_size(settings.tokenizer))
     kinds = tuple(config.attn_layers[i % len(config.attn_layers)] for i in range(layers))
     config = dataclasses.replace(config, attn_layers=kinds)
     torch.manual_seed(0)
@@ -90,12 +92,13 @@ def measure(device_type: str, preset: str, length: int, layers: int, reversible:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_train_memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="the tiny preset at one short length (a smoke run)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(one_step(*json.loads(args.one))))
         return
-    plan = PLAN[args.device]
+    plan = PLAN["quick" if args.quick else args.device]
     rows = []
     for layers in plan["layers"]:
         for length in plan["lengths"]:

@@ -18,7 +18,11 @@ from training import corpus
 from model.attention import LSHSelfAttention
 from model.reformer import ReformerLM
 from training.reversible import reversible_stack
-from training.train import PRESETS, TrainSettings, Windows, evaluate, export, language_model_loss, model_config, train
+from model.tokenizer import ByteTokenizer, load_tokenizer
+from training.subwords import encode_files, make_tokenizer, token_bytes
+from training.train import (PRESETS, TrainSettings, evaluate, export, language_model_loss, learning_rate,
+                            model_config, schedule_fraction, step_windows, train, validation_texts,
+                            vocabulary_size)
 from tests.seed import SEED
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,23 +103,25 @@ def test_backward_reuses_the_forward_buckets(monkeypatch):
 
 
 def test_tiny_training_run_lowers_the_loss(tmp_path):
-    config, settings = PRESETS["tiny"][0](), dataclasses.replace(PRESETS["tiny"][1], steps=30, eval_every=30)
-    validation = Windows(corpus.stream_ids(corpus.stream(corpus.source_files("validation"))), 1024, 0)
-    windows = validation.evenly_spaced(2)
+    make_config, settings = PRESETS["tiny"][0], dataclasses.replace(PRESETS["tiny"][1], steps=30, eval_every=30)
+    config = make_config(ByteTokenizer.vocab_size)
+    texts = validation_texts(ByteTokenizer(), settings, config.max_positions)
+    assert len(texts) == 2 and all(800 <= t.bytes <= 1000 and len(t.ids) == t.bytes + 1 for t in texts)
     torch.manual_seed(settings.seed)
-    before = evaluate(ReformerLM(config), windows, torch.device("cpu"), autocast=False)
-    model = train(config, settings, tmp_path, device=torch.device("cpu"))
-    after = evaluate(model, windows, torch.device("cpu"), autocast=False)
+    before = evaluate(ReformerLM(config), texts, torch.device("cpu"), autocast=False)
+    model = train(make_config, settings, tmp_path, device=torch.device("cpu"))
+    after = evaluate(model, texts, torch.device("cpu"), autocast=False)
     assert before > 7.5  # close to uniform at the start
     assert after < before - 1.5, (before, after)
 
 
 def test_resume_continues_exactly_and_exports_fp16(tmp_path):
-    config = tiny_config()
-    settings = TrainSettings(steps=6, batch=1, lr=3e-3, warmup=2, eval_every=6, eval_windows=1, checkpoint_every=6)
-    straight = train(config, settings, tmp_path / "straight", device=torch.device("cpu"))
-    train(config, settings, tmp_path / "paused", device=torch.device("cpu"), until=3)
-    resumed = train(config, settings, tmp_path / "paused", device=torch.device("cpu"), resume=True)
+    settings = TrainSettings(steps=6, batch=1, lr=3e-3, warmup=2, eval_every=6, eval_files=1, eval_bytes=250,
+                             checkpoint_every=6, short_context=64, short_batch=3, long_every=2)
+    straight = train(lambda vocab: tiny_config(), settings, tmp_path / "straight", device=torch.device("cpu"))
+    train(lambda vocab: tiny_config(), settings, tmp_path / "paused", device=torch.device("cpu"), until=3)
+    resumed = train(lambda vocab: tiny_config(), settings, tmp_path / "paused", device=torch.device("cpu"),
+                    resume=True)
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
 
@@ -128,13 +134,67 @@ def test_resume_continues_exactly_and_exports_fp16(tmp_path):
 
 
 def test_learning_rate_warms_up_then_decays_to_a_tenth():
-    from training.train import learning_rate
-
     settings = TrainSettings(steps=100, batch=1, lr=1.0, warmup=10)
     rates = [learning_rate(step, settings) for step in range(100)]
     assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(rates[9:], rates[10:]))
     assert learning_rate(100, settings) == pytest.approx(0.1)
+
+
+def test_a_time_budget_drives_the_schedule_and_ends_the_run():
+    settings = TrainSettings(steps=10**9, batch=1, lr=1.0, warmup=2, minutes=2)
+    assert learning_rate(5, settings, seconds=0) == pytest.approx(1.0)
+    assert learning_rate(5, settings, seconds=60) == pytest.approx(0.55)  # half way down the cosine
+    assert learning_rate(5, settings, seconds=120) == pytest.approx(0.1)
+    assert schedule_fraction(5, 120, settings) == 1.0 and schedule_fraction(5, 30, settings) == 0.25
+
+
+def test_short_steps_read_many_short_windows_and_every_nth_step_the_whole_context():
+    settings = TrainSettings(steps=100, batch=2, lr=1.0, warmup=2, short_context=128, short_batch=16, long_every=4)
+    plan = [step_windows(step, settings, 1024) for step in range(8)]
+    assert plan == [(16, 128)] * 3 + [(2, 1024)] + [(16, 128)] * 3 + [(2, 1024)]
+    assert step_windows(0, dataclasses.replace(settings, short_context=None), 1024) == (2, 1024)
+
+
+# ---- the subword vocabulary --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def subwords(tmp_path_factory):
+    files = corpus.source_files("train")[:60]
+    return make_tokenizer("sentencepiece:600", files, tmp_path_factory.mktemp("spm"))
+
+
+def test_subword_vocabulary_reproduces_source_exactly_and_counts_its_bytes(subwords):
+    text = ("class Stack:\n    \"\"\"Last in, first out.\"\"\"\n\n    def push(self, item):\n"
+            "\t\tself.items.append(item)  # caf\u00e9 \u2603 \U0001f40d\n\n\n   \n")
+    ids = subwords.encode(text)
+    assert subwords.decode(ids) == text  # spaces, tabs, newlines and characters it never saw
+    assert len(ids) < len(text.encode()) * 0.7  # pieces cover several bytes
+    assert int(token_bytes(subwords, ids).sum()) == len(text.encode("utf-8"))
+    assert (subwords.pad_id, subwords.eos_id) == (0, 2)
+    files = [corpus.SourceFile("a.py", b"x = 1\n"), corpus.SourceFile("b.py", b"y = 2\n")]
+    stream = encode_files(files, subwords).tolist()
+    assert stream.count(2) == 2 and stream[-1] == 2
+    assert subwords.decode(stream) == "x = 1\ny = 2\n"
+    assert encode_files(files, ByteTokenizer()).tolist() == [b + 2 for b in b"x = 1\n\0y = 2\n\0"]
+
+
+def test_a_subword_run_ships_its_vocabulary_and_scores_per_byte(tmp_path, subwords):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "spiece.model").write_bytes(subwords.processor.serialized_model_proto())
+    settings = TrainSettings(steps=2, batch=1, lr=3e-3, warmup=1, eval_every=2, eval_files=1, eval_bytes=600,
+                             checkpoint_every=2, tokenizer="sentencepiece:600")
+    model = train(lambda vocab: tiny_config(vocab_size=vocab), settings, tmp_path / "run", device=torch.device("cpu"))
+    assert model.config.vocab_size == 600
+    export(model, tmp_path / "served", tmp_path / "run", torch.device("cpu"), "tiny")
+    tokenizer = load_tokenizer(tmp_path / "served")
+    assert tokenizer.vocab_size == 600 and tokenizer.encode("def f():") == subwords.encode("def f():")
+
+    data = "def add(a, b):\n    return a + b  # \u00e9\n".encode()
+    bits = byte_bits(model.eval(), tokenizer, data)
+    tokens = tokenizer.encode(data.decode())
+    assert bits.shape == (len(data),)
+    per_token = np.split(bits, np.cumsum(token_bytes(tokenizer, tokens))[:-1])
+    assert all(np.allclose(part, part[0]) for part in per_token)  # a token's bits spread evenly over its bytes
 
 
 # ---- the corpus --------------------------------------------------------------------------------------
@@ -171,7 +231,8 @@ def test_split_depends_on_relative_paths_only(tmp_path):
 def test_shipped_default_model_beats_a_uniform_model_by_far():
     model = load_model(ROOT / "model" / "default").float()
     sample = [f.data[:1500] for f in corpus.source_files("test")[:4]]
-    bits = np.concatenate([byte_bits(model, data) for data in sample])
+    tokenizer = load_tokenizer(ROOT / "model" / "default")
+    bits = np.concatenate([byte_bits(model, tokenizer, data) for data in sample])
     bpb = float(bits.mean())
     assert bpb < UNIFORM_BPB / 2, bpb
     assert (ROOT / "model" / "default" / "model.safetensors").stat().st_size <= 25 * 2**20
@@ -181,7 +242,7 @@ def test_scoring_windows_cover_each_byte_once_with_enough_context():
     torch.manual_seed(SEED)
     model = ReformerLM(tiny_config()).eval()
     data = bytes(np.random.default_rng(SEED).integers(32, 127, 700, dtype=np.uint8))
-    bits = byte_bits(model, data)
+    bits = byte_bits(model, ByteTokenizer(), data)
     assert bits.shape == (700,)
     ids = torch.tensor([2] + [b + 2 for b in data])
 
@@ -205,7 +266,7 @@ def test_compressor_baselines_are_computed_on_the_bytes():
 
 
 def test_gpu_preset_builds_and_takes_a_short_step():
-    config = PRESETS["gpu"][0]()
+    config = PRESETS["gpu"][0](vocabulary_size(PRESETS["gpu"][1].tokenizer))
     config.validate()
     assert config.max_positions == 65536 and {"lsh", "local"} == set(config.attn_layers)
     model = ReformerLM(config).train()

@@ -18,27 +18,21 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 SPLITS = ("train", "validation", "test")
 SEPARATOR = b"\0"
 
-
 def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
-
 
 def split_of(relative_path: str) -> str:
     """train / validation / test for a path relative to the stdlib root, written with '/'."""
     bucket = int(hashlib.sha256(relative_path.encode("utf-8")).hexdigest(), 16) % 100
     return "train" if bucket < 90 else "validation" if bucket < 95 else "test"
 
-
 @dataclass
 class SourceFile:
     path: str  # relative to the stdlib root
     data: bytes
-
 
 def source_files(split: str, root: Path | None = None) -> list[SourceFile]:
     """The split's .py files (installed third-party packages excluded), sorted by path."""
@@ -54,22 +48,14 @@ def source_files(split: str, root: Path | None = None) -> list[SourceFile]:
             files.append(SourceFile(relative, path.read_bytes()))
     return files
 
-
 def stream(files: list[SourceFile]) -> bytes:
     """The files as one byte stream, each followed by the separator."""
     return b"".join(file.data + SEPARATOR for file in files)
-
-
-def stream_ids(data: bytes) -> np.ndarray:
-    """Token ids of the byte tokenizer (byte + 2) for a stream, as int64."""
-    return np.frombuffer(data, dtype=np.uint8).astype(np.int64) + 2
-
 
 def describe(files: list[SourceFile]) -> dict:
     data = stream(files)
     return {"files": len(files), "bytes": sum(len(f.data) for f in files),
             "sha256": hashlib.sha256(data).hexdigest()}
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m training.corpus", description=__doc__.split("\n\n")[0])
@@ -84,7 +70,6 @@ def main(argv: list[str] | None = None) -> None:
         manifest[split] = describe(files)
         print(f"{split:>10}: {manifest[split]['files']} files, {manifest[split]['bytes']:,} bytes")
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-
 
 if __name__ == "__main__":
     main()

@@ -5,7 +5,9 @@
 
 - bits per byte of every test file, each read from its start (after an end-of-sequence token, as files
   follow one another in training); files longer than the context are scored with windows that overlap by
-  half, so every byte has at least half a context behind it;
+  half, so every token has at least half a context behind it. With a subword vocabulary a token's bits are
+  spread evenly over the bytes it stands for, so the figures stay per byte and comparable to the compressors'
+  (the one test file that is not UTF-8 is read with replacement characters; the compressors see its bytes);
 - gzip -9, bz2 -9 and xz -9e on exactly the scored bytes (the test files concatenated), computed here;
 - bits per byte by position in the file (0-1K, 1K-4K, 4K-16K, 16K+) over the test files longer than 16K
   bytes, and a plot of it at finer positions;
@@ -34,14 +36,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.checkpoint import load_model
+from model.checkpoint import load_model, read_generation_defaults
 from model.generate import generate
 from model.reformer import ReformerLM
 from model.sampling import SamplingParams
-from model.tokenizer import ByteTokenizer
+from model.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 from . import corpus
 from .model_card import model_card, plot
+from .subwords import source_text, token_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,13 +58,13 @@ PROMPTS = ("def fibonacci(n):\n", "import os\nimport sys\n\n\ndef main():\n",
 
 
 @torch.no_grad()
-def byte_bits(model: ReformerLM, data: bytes) -> np.ndarray:
-    """-log2 p(byte | everything before it in the file, up to the context) for each byte of `data`."""
-    ids = torch.tensor([ByteTokenizer.eos_id] + [b + ByteTokenizer.OFFSET for b in data])
+def token_bits(model: ReformerLM, tokens: list[int], eos_id: int) -> np.ndarray:
+    """-log2 p(token | everything before it in the file, up to the context) for each of `tokens`."""
+    ids = torch.tensor([eos_id] + tokens)
     context = model.config.max_positions
-    bits = np.empty(len(data), dtype=np.float64)
+    bits = np.empty(len(tokens), dtype=np.float64)
     start, scored = 0, 0  # window start; targets (positions in ids, minus one) scored so far
-    while scored < len(data):
+    while scored < len(tokens):
         window = ids[start: start + context]
         logits = model(window[None].to(model.device))[0].float()
         nats = F.cross_entropy(logits[:-1], window[1:].to(model.device), reduction="none").cpu().numpy()
@@ -71,6 +74,17 @@ def byte_bits(model: ReformerLM, data: bytes) -> np.ndarray:
         scored = start + len(nats)
         start = scored - context // 2 + 1  # the next window keeps half a context behind its first target
     return bits
+
+
+def byte_bits(model: ReformerLM, tokenizer: Tokenizer, data: bytes) -> np.ndarray:
+    """Bits for each byte of a file: each token's bits spread evenly over the bytes it stands for."""
+    if isinstance(tokenizer, ByteTokenizer):  # the file's exact bytes, UTF-8 or not
+        tokens = [b + ByteTokenizer.OFFSET for b in data]
+    else:
+        tokens = tokenizer.encode(source_text(data))
+    lengths = token_bytes(tokenizer, tokens)
+    bits = token_bits(model, tokens, tokenizer.eos_id)
+    return np.repeat(bits / np.maximum(lengths, 1), lengths)
 
 
 def compressor_bits(data: bytes) -> dict[str, float]:
@@ -104,28 +118,38 @@ def position_profile(per_file: list[np.ndarray]) -> tuple[dict[str, float], list
     return buckets, bins
 
 
-def continuations(model: ReformerLM) -> list[dict]:
-    tokenizer = ByteTokenizer()
+def continuations(model: ReformerLM, tokenizer: Tokenizer, defaults: dict[str, float]) -> list[dict]:
+    """Greedy and sampled continuations of the prompts, and with the sampling the server applies by default
+    (the checkpoint's generation_config.json) when there is one."""
     prompts = [tokenizer.encode(p) for p in PROMPTS]
-    greedy = generate(model, prompts, SamplingParams(max_tokens=160, temperature=0.0), num_slots=len(prompts))
-    sampled = generate(model, prompts, [SamplingParams(max_tokens=160, temperature=0.8, top_p=0.95, seed=i)
-                                        for i in range(len(prompts))], num_slots=len(prompts))
-    return [{"prompt": p, "greedy": tokenizer.decode(g.token_ids), "sampled (T=0.8, top-p 0.95)":
-             tokenizer.decode(s.token_ids)} for p, g, s in zip(PROMPTS, greedy, sampled)]
+    kinds = {"greedy": lambda i: SamplingParams(max_tokens=160, temperature=0.0),
+             "sampled (T=0.8, top-p 0.95)": lambda i: SamplingParams(max_tokens=160, temperature=0.8, top_p=0.95,
+                                                                     seed=i)}
+    if defaults:
+        shown = ", ".join(f"{key} {value:g}" for key, value in defaults.items())
+        kinds[f"as served by default ({shown})"] = lambda i: SamplingParams(max_tokens=160, seed=i, **defaults)
+    outputs = {kind: generate(model, prompts, [make(i) for i in range(len(prompts))], num_slots=len(prompts))
+               for kind, make in kinds.items()}
+    return [{"prompt": p, **{kind: tokenizer.decode(outputs[kind][i].token_ids) for kind in kinds}}
+            for i, p in enumerate(PROMPTS)]
 
 
 def evaluate(model_dir: Path, limit_files: int | None = None) -> dict:
     model = load_model(model_dir).float()
+    tokenizer = load_tokenizer(model_dir)
     torch.manual_seed(0)
     files = corpus.source_files("test")[:limit_files]
     started = time.perf_counter()
-    per_file = [byte_bits(model, f.data) for f in files]
+    per_file = [byte_bits(model, tokenizer, f.data) for f in files]
     seconds = time.perf_counter() - started
     data = b"".join(f.data for f in files)
+    scored_bytes = sum(len(bits) for bits in per_file)
+    tokens = scored_bytes if isinstance(tokenizer, ByteTokenizer) else \
+        sum(len(tokenizer.encode(source_text(f.data))) for f in files)
     total_bits = sum(float(bits.sum()) for bits in per_file)
     buckets, bins = position_profile(per_file)
     baselines = compressor_bits(data)
-    model_bpb = total_bits / len(data)
+    model_bpb = total_bits / scored_bytes
     return {
         "benchmark": "eval_default",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -133,14 +157,16 @@ def evaluate(model_dir: Path, limit_files: int | None = None) -> dict:
         "python": sys.version.split()[0],
         "test_split": corpus.describe(files),
         "model_bpb": model_bpb,
-        "uniform_bpb": math.log2(ByteTokenizer.vocab_size),
+        "tokenizer": "bytes" if isinstance(tokenizer, ByteTokenizer) else f"sentencepiece:{tokenizer.vocab_size}",
+        "bytes_per_token": scored_bytes / tokens,
+        "uniform_bpb": math.log2(tokenizer.vocab_size) * tokens / scored_bytes,
         "compressors_bpb": baselines,
         "below_xz": 1 - model_bpb / baselines["xz -9e"],
         "long_files": sum(len(bits) > LONG_FILE for bits in per_file),
         "position_buckets_bpb": buckets,
         "position_bins": bins,
         "eval_seconds": seconds,
-        "samples": continuations(model),
+        "samples": continuations(model, tokenizer, read_generation_defaults(model_dir)),
         "model": model.config.to_dict(),
         "parameters": model.num_parameters(),
     }

@@ -1,13 +1,19 @@
-"""Train a byte-level Reformer on the standard library's source (`training.corpus`) with reversible backprop.
+"""Train a Reformer on the standard library's source (`training.corpus`) with reversible backprop.
 
     python -m training.train --preset cpu --out runs/cpu              # or --preset gpu on a CUDA machine
     python -m training.train --preset cpu --out runs/cpu --resume     # continue from runs/cpu/checkpoint
     python -m training.train ... --export model/default               # also write the fp16 serving checkpoint
+    python -m training.train --preset cpu-v1 --out runs/a --minutes 9 # a recipe for a fixed wall time
 
-Training windows are random slices of the train stream (files joined by end-of-sequence), the length of the
-model's context, so every position embedding is trained. AdamW with linear warm-up and cosine decay,
-gradient clipping, bf16 autocast on CUDA, periodic evaluation on fixed validation windows, and checkpoints
-(safetensors weights and optimizer state, JSON progress) that `--resume` continues exactly.
+A recipe (`PRESETS`) is a model shape, a tokenizer (bytes, or a SentencePiece vocabulary learned from the train
+split, `training.subwords`) and a batch plan. Training windows are random slices of the train stream (files
+joined by end-of-sequence). A step reads either `batch` windows of the whole context, so every position
+embedding trains, or, with `short_context`, `short_batch` short windows from as many places in the corpus,
+which averages each gradient over more files for fewer tokens; every `long_every`-th step is a long one. AdamW
+with linear warm-up and cosine decay (over steps, or over wall time with `--minutes`), gradient clipping, bf16
+autocast on CUDA, evaluation in bits per byte on the beginnings of fixed validation files (the same bytes
+whatever the tokenizer), and checkpoints (safetensors weights and optimizer state, JSON progress) that
+`--resume` continues exactly.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -31,24 +38,25 @@ from tqdm import tqdm
 from model.checkpoint import load_model, save_model
 from model.config import ReformerConfig
 from model.reformer import ReformerLM
-from model.tokenizer import ByteTokenizer
+from model.tokenizer import ByteTokenizer, Tokenizer
 
 from . import corpus
 from .reversible import reversible_stack
+from .subwords import SPIECE, encode_files, make_tokenizer, source_text, token_bytes
 
 LN2 = math.log(2)
 
 
 def model_config(context: int, hidden: int, layers: tuple[str, ...], heads: int, ff: int, chunk: int,
-                 **changes) -> ReformerConfig:
-    """A byte-level decoder whose axial position grid covers exactly `context` positions."""
+                 vocab_size: int = ByteTokenizer.vocab_size, **changes) -> ReformerConfig:
+    """A decoder whose axial position grid covers exactly `context` positions."""
     rows = 2 ** (int(math.log2(context)) // 2)
     columns = context // rows
     buckets = max(2, 2 * context // chunk)  # the paper's rule: about two buckets per chunk
     num_buckets = buckets if buckets <= 128 else (16, buckets // 16)
     axial_dims = (hidden // 4, hidden - hidden // 4)
     config = ReformerConfig(
-        vocab_size=ByteTokenizer.vocab_size, hidden_size=hidden, num_attention_heads=heads,
+        vocab_size=vocab_size, hidden_size=hidden, num_attention_heads=heads,
         attention_head_size=hidden // heads, attn_layers=layers, feed_forward_size=ff, hidden_act="gelu",
         axial_pos_shape=(rows, columns), axial_pos_embds_dim=axial_dims, max_position_embeddings=context,
         lsh_attn_chunk_length=chunk, local_attn_chunk_length=chunk, num_buckets=num_buckets, num_hashes=1,
@@ -60,29 +68,54 @@ def model_config(context: int, hidden: int, layers: tuple[str, ...], heads: int,
 @dataclass
 class TrainSettings:
     steps: int
-    batch: int
+    batch: int  # windows of the whole context in a long step
     lr: float
     warmup: int
+    tokenizer: str = "bytes"  # or "sentencepiece:N"
+    short_context: int | None = None  # if set, short steps read short_batch windows of this length
+    short_batch: int = 8
+    long_every: int = 8  # with short_context: every long_every-th step reads whole-context windows
+    minutes: float | None = None  # a wall-time budget: the schedule follows whichever of steps and time is further
     weight_decay: float = 0.1
     clip: float = 1.0
     eval_every: int = 100
-    eval_windows: int = 8
+    eval_files: int = 8
+    eval_bytes: int = 16000  # each validation file is scored from its start up to about this many bytes
     checkpoint_every: int = 100
     seed: int = 1234
 
 
-# What each kind of machine trains. cpu: sized for about two hours on 2 cores at the measured ~5,400 tokens/s
-# (the shipped model); gpu: sized for about 20 minutes of one H100 at an assumed ~120K tokens/s, not yet
-# run; tiny: the tests.
+FOUR_LAYERS = ("local", "lsh", "local", "lsh")
+SUBWORDS = "sentencepiece:4096"
+
+# What each kind of machine trains, as (config for a vocabulary size, settings).
+# cpu-v1: the first shipped model (2,200 steps of one 16K window, 114 minutes on 2 cores). cpu-mixed, cpu-sp and
+# cpu-sp-deep: what `training.compare` measured against it at equal wall time (warm-up shortened to 10 steps for
+# runs of minutes). cpu: the winner, for 55 minutes by the clock. gpu: 7 minutes of one H100/H200 by the
+# clock (its schedule follows the time, so it fits a lent GPU's minutes at whatever speed), not yet run. tiny: the
+# tests.
+V1_MODEL = (16384, 256, FOUR_LAYERS, 4, 768, 64)
+DEEP_MODEL = (16384, 192, ("local", "lsh") * 3, 4, 576, 64)
+V1 = TrainSettings(steps=2200, batch=1, lr=2e-3, warmup=80, eval_every=200)
+COMPARED = dataclasses.replace(V1, warmup=10, eval_every=25)
+MIXED = dataclasses.replace(COMPARED, short_context=1024, short_batch=8)
 PRESETS = {
-    "cpu": (lambda: model_config(16384, 256, ("local", "lsh", "local", "lsh"), 4, 768, 64),
-            TrainSettings(steps=2200, batch=1, lr=2e-3, warmup=80, eval_every=200)),
-    "gpu": (lambda: model_config(65536, 512, ("local", "lsh") * 3, 8, 2048, 128),
-            TrainSettings(steps=1100, batch=2, lr=1e-3, warmup=60, eval_every=200, checkpoint_every=100)),
-    "tiny": (lambda: model_config(1024, 64, ("local", "lsh"), 2, 128, 32),
-             TrainSettings(steps=40, batch=2, lr=3e-3, warmup=4, eval_every=20, eval_windows=2,
+    "cpu-v1": (lambda vocab: model_config(*V1_MODEL, vocab), V1),
+    "cpu-v1-short-warmup": (lambda vocab: model_config(*V1_MODEL, vocab), COMPARED),
+    "cpu-mixed": (lambda vocab: model_config(*V1_MODEL, vocab), MIXED),
+    "cpu-sp": (lambda vocab: model_config(*V1_MODEL, vocab), dataclasses.replace(MIXED, tokenizer=SUBWORDS)),
+    "cpu-sp-deep": (lambda vocab: model_config(*DEEP_MODEL, vocab), dataclasses.replace(MIXED, tokenizer=SUBWORDS)),
+    "gpu": (lambda vocab: model_config(65536, 512, ("local", "lsh") * 3, 8, 2048, 128, vocab),
+            TrainSettings(steps=1_000_000, minutes=7.0, batch=2, lr=1e-3, warmup=60, eval_every=200,
+                          checkpoint_every=100, short_context=4096, short_batch=32, tokenizer=SUBWORDS,
+                          eval_bytes=200_000)),
+    "tiny": (lambda vocab: model_config(1024, 64, ("local", "lsh"), 2, 128, 32, vocab),
+             TrainSettings(steps=40, batch=2, lr=3e-3, warmup=4, eval_every=20, eval_files=2, eval_bytes=1000,
                            checkpoint_every=20)),
 }
+# The winner of the comparison (bench/results/recipes.json), for 55 minutes of this machine by the clock.
+PRESETS["cpu"] = (PRESETS["cpu-sp"][0], dataclasses.replace(PRESETS["cpu-sp"][1], minutes=55.0, steps=1_000_000,
+                                                            warmup=20, eval_every=100))
 
 
 def language_model_loss(model: ReformerLM, ids: Tensor, *, reversible: bool = True) -> Tensor:
@@ -103,28 +136,68 @@ def language_model_loss(model: ReformerLM, ids: Tensor, *, reversible: bool = Tr
 class Windows:
     """Random (B, T+1) slices of a token stream; the generator's state is part of the checkpoint."""
 
-    def __init__(self, ids: np.ndarray, length: int, seed: int):
-        if len(ids) <= length + 1:
-            raise ValueError(f"stream of {len(ids)} tokens is too short for windows of {length}")
-        self.ids, self.length = torch.from_numpy(ids), length
+    def __init__(self, ids: np.ndarray, seed: int):
+        self.ids = torch.from_numpy(ids)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def sample(self, batch: int) -> Tensor:
-        starts = torch.randint(0, len(self.ids) - self.length - 1, (batch,), generator=self.generator)
-        return torch.stack([self.ids[s: s + self.length + 1] for s in starts.tolist()])
-
-    def evenly_spaced(self, count: int) -> Tensor:
-        """Fixed windows spread over the whole stream (validation)."""
-        starts = np.linspace(0, len(self.ids) - self.length - 1, count).astype(np.int64)
-        return torch.stack([self.ids[s: s + self.length + 1] for s in starts])
+    def sample(self, batch: int, length: int) -> Tensor:
+        if len(self.ids) <= length + 1:
+            raise ValueError(f"stream of {len(self.ids)} tokens is too short for windows of {length}")
+        starts = torch.randint(0, len(self.ids) - length - 1, (batch,), generator=self.generator)
+        return torch.stack([self.ids[s: s + length + 1] for s in starts.tolist()])
 
 
-def learning_rate(step: int, settings: TrainSettings) -> float:
-    """Linear warm-up, then cosine decay to a tenth of the peak."""
+def vocabulary_size(tokenizer: str) -> int:
+    """The vocabulary a recipe's tokenizer will have: 258 for bytes, N for "sentencepiece:N"."""
+    return ByteTokenizer.vocab_size if tokenizer == "bytes" else int(tokenizer.partition(":")[2])
+
+
+def step_windows(step: int, settings: TrainSettings, context: int) -> tuple[int, int]:
+    """(windows, length) that step `step` reads: a long step, or as many tokens in short windows."""
+    short = settings.short_context
+    if short is None or step % settings.long_every == settings.long_every - 1:
+        return settings.batch, context
+    return settings.short_batch, short
+
+
+def schedule_fraction(step: int, seconds: float, settings: TrainSettings) -> float:
+    """How far the run is: by steps, or by wall time when it has a budget, whichever is further."""
+    fraction = step / settings.steps
+    return max(fraction, seconds / (60 * settings.minutes)) if settings.minutes else fraction
+
+
+def learning_rate(step: int, settings: TrainSettings, seconds: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak at the end of the schedule."""
     if step < settings.warmup:
         return settings.lr * (step + 1) / settings.warmup
-    progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
-    return settings.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    warm = settings.warmup / settings.steps
+    progress = (schedule_fraction(step, seconds, settings) - warm) / max(1e-9, 1 - warm)
+    return settings.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress)))))
+
+
+@dataclass
+class ValidationText:
+    """The beginning of a validation file as the model reads it: end of sequence, then its tokens."""
+    ids: Tensor  # (T+1,)
+    bytes: int  # bytes of text the T predicted tokens stand for
+
+
+def validation_texts(tokenizer: Tokenizer, settings: TrainSettings, context: int) -> list[ValidationText]:
+    """The first ~eval_bytes (whole lines) of eval_files validation files spread over the split: the same bytes
+    for every tokenizer, so recipes compare in bits per byte."""
+    files = corpus.source_files("validation")
+    long_enough = [f for f in files if len(f.data) >= settings.eval_bytes // 2]
+    if len(long_enough) < settings.eval_files:  # long windows (the GPU preset): the longest files there are
+        long_enough = sorted(sorted(files, key=lambda f: -len(f.data))[: settings.eval_files], key=lambda f: f.path)
+    picks = np.linspace(0, len(long_enough) - 1, settings.eval_files).round().astype(int)
+    texts = []
+    for index in picks:
+        text = source_text(long_enough[index].data)
+        end = text.find("\n", settings.eval_bytes - 200)
+        text = text[: end + 1] if 0 <= end < settings.eval_bytes else text[: settings.eval_bytes]
+        ids = tokenizer.encode(text)[: context]
+        texts.append(ValidationText(torch.tensor([tokenizer.eos_id] + ids), int(token_bytes(tokenizer, ids).sum())))
+    return texts
 
 
 def make_optimizer(model: ReformerLM, settings: TrainSettings) -> torch.optim.AdamW:
@@ -138,15 +211,17 @@ def make_optimizer(model: ReformerLM, settings: TrainSettings) -> torch.optim.Ad
 
 
 @torch.no_grad()
-def evaluate(model: ReformerLM, windows: Tensor, device: torch.device, autocast: bool) -> float:
-    """Bits per byte of the validation windows."""
+def evaluate(model: ReformerLM, texts: list[ValidationText], device: torch.device, autocast: bool) -> float:
+    """Bits per byte of the validation texts: all their tokens' bits over all their bytes."""
     model.eval()
-    total = 0.0
-    for row in windows:
+    nats = 0.0
+    for text in texts:
+        ids = text.ids.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            total += language_model_loss(model, row[None].to(device), reversible=False).item()
+            logits = model(ids[None, :-1])[0]  # the full forward pads to whole chunks
+        nats += F.cross_entropy(logits.float(), ids[1:], reduction="sum").item()
     model.train()
-    return total / len(windows) / LN2
+    return nats / sum(text.bytes for text in texts) / LN2
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------
@@ -187,14 +262,21 @@ def load_checkpoint(directory: Path, settings: TrainSettings, windows: Windows,
 
 
 # ---- the loop ----------------------------------------------------------------------------------------
-def train(config: ReformerConfig, settings: TrainSettings, out: Path, *, device: torch.device,
+def prepare_tokenizer(settings: TrainSettings, out: Path) -> Tokenizer:
+    """The recipe's tokenizer; a subword vocabulary is learned from the train split once per run directory."""
+    return make_tokenizer(settings.tokenizer, corpus.source_files("train"), out)
+
+
+def train(make_config, settings: TrainSettings, out: Path, *, device: torch.device,
           resume: bool = False, reversible: bool = True, log_every: int = 10, until: int | None = None) -> ReformerLM:
-    """Train (or continue) to `settings.steps`; `until` pauses after that step (resume continues exactly)."""
+    """Train (or continue) to `settings.steps` or its time budget; `until` pauses after that step (resume
+    continues exactly). `make_config(vocab_size)` gives the model's shape once the tokenizer is known."""
     torch.manual_seed(settings.seed)
+    tokenizer = prepare_tokenizer(settings, out)
+    config = make_config(tokenizer.vocab_size)
     context = config.max_positions
-    train_windows = Windows(corpus.stream_ids(corpus.stream(corpus.source_files("train"))), context, settings.seed)
-    validation = Windows(corpus.stream_ids(corpus.stream(corpus.source_files("validation"))), context, 0)
-    validation_windows = validation.evenly_spaced(settings.eval_windows)
+    train_windows = Windows(encode_files(corpus.source_files("train"), tokenizer), settings.seed)
+    validation_windows = validation_texts(tokenizer, settings, context)
     autocast = device.type == "cuda"
     checkpoint = out / "checkpoint"
 
@@ -207,16 +289,17 @@ def train(config: ReformerConfig, settings: TrainSettings, out: Path, *, device:
         progress = {"step": 0, "tokens": 0, "seconds": 0.0, "history": []}
 
     started = time.perf_counter() - progress["seconds"]
-    bar = tqdm(range(progress["step"], settings.steps), initial=progress["step"], total=settings.steps,
-               unit="step", dynamic_ncols=True)
+    bar = tqdm(range(progress["step"], settings.steps), initial=progress["step"], unit="step", dynamic_ncols=True,
+               total=None if settings.minutes else settings.steps)
     window_tokens, window_start = 0, time.perf_counter()
     for step in bar:
-        if until is not None and step >= until:
+        seconds = time.perf_counter() - started
+        if until is not None and step >= until or schedule_fraction(step, seconds, settings) >= 1:
             break
-        rate = learning_rate(step, settings)
+        rate = learning_rate(step, settings, seconds)
         for group in optimizer.param_groups:
             group["lr"] = rate
-        batch = train_windows.sample(settings.batch).to(device)
+        batch = train_windows.sample(*step_windows(step, settings, context)).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = language_model_loss(model, batch, reversible=reversible)
         loss.backward()
@@ -228,19 +311,20 @@ def train(config: ReformerConfig, settings: TrainSettings, out: Path, *, device:
         progress["tokens"] += tokens
         window_tokens += tokens
         done = step + 1
-        train_bpb = loss.item() / LN2  # one host synchronisation per step
+        train_bits = loss.item() / LN2  # bits per token (per byte only for bytes); one host sync per step
         if done % log_every == 0 or done == settings.steps:
             speed = window_tokens / (time.perf_counter() - window_start)
-            bar.set_postfix(loss=f"{train_bpb:.3f} bpb", tok_s=f"{speed:,.0f}", grad=f"{norm.item():.2f}")
+            bar.set_postfix(loss=f"{train_bits:.3f} bits/token", tok_s=f"{speed:,.0f}", grad=f"{norm.item():.2f}")
             window_tokens, window_start = 0, time.perf_counter()
-        record = {"step": done, "train_bpb": round(train_bpb, 4), "lr": rate}
-        if done % settings.eval_every == 0 or done == settings.steps:
+        record = {"step": done, "train_bits_per_token": round(train_bits, 4), "lr": rate}
+        last = done == settings.steps or schedule_fraction(done, time.perf_counter() - started, settings) >= 1
+        if done % settings.eval_every == 0 or last:
             record["validation_bpb"] = round(evaluate(model, validation_windows, device, autocast), 4)
             bar.write(f"step {done}: validation {record['validation_bpb']:.4f} bits/byte")
         progress["history"].append(record)
         progress["step"] = done
         progress["seconds"] = time.perf_counter() - started
-        if done % settings.checkpoint_every == 0 or done in (settings.steps, until):
+        if done % settings.checkpoint_every == 0 or last or done == until:
             save_checkpoint(checkpoint, model, optimizer, progress, train_windows)
     bar.close()
     return model
@@ -251,10 +335,22 @@ def export(model: ReformerLM, directory: Path, out: Path, device: torch.device, 
     progress = json.loads((out / "checkpoint" / "progress.json").read_text())
     summary = {key: progress[key] for key in ("step", "tokens", "seconds")}
     summary["preset"] = preset
+    settings = PRESETS[preset][1]
+    summary["windows"] = {"batch": settings.batch, "short_context": settings.short_context,
+                          "short_batch": settings.short_batch, "long_every": settings.long_every}
     summary.update(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                    threads=torch.get_num_threads(), python=sys.version.split()[0])
-    save_model(model.eval(), directory, dtype=torch.float16, metadata={"training": json.dumps(summary)})
-    (directory / "training.json").write_text(json.dumps(dict(summary, history=progress["history"])) + "\n")
+    subwords = (out / SPIECE).exists()
+    save_model(model.eval(), directory, dtype=torch.float16, metadata={"training": json.dumps(summary)},
+               tokenizer="sentencepiece" if subwords else "bytes")
+    if subwords:
+        shutil.copyfile(out / SPIECE, directory / SPIECE)
+    else:
+        (directory / SPIECE).unlink(missing_ok=True)  # a byte model must not be read with an old vocabulary
+    # runs begun before the key said what it measures called bits per token "train_bpb"
+    history = [{("train_bits_per_token" if key == "train_bpb" else key): value for key, value in record.items()}
+               for record in progress["history"]]
+    (directory / "training.json").write_text(json.dumps(dict(summary, history=history)) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -262,6 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--out", type=Path, required=True, help="run directory (checkpoint/ inside)")
     parser.add_argument("--steps", type=int, help="override the preset's step count")
+    parser.add_argument("--minutes", type=float, help="train for this wall time (the schedule follows it)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if present")
     parser.add_argument("--until", type=int, help="pause after this step (to split a run over sessions)")
     parser.add_argument("--ordinary", action="store_true", help="plain autograd instead of reversible backprop")
@@ -271,14 +368,17 @@ def main(argv: list[str] | None = None) -> None:
     make_config, settings = PRESETS[args.preset]
     if args.steps:
         settings = dataclasses.replace(settings, steps=args.steps)
+    if args.minutes:
+        settings = dataclasses.replace(settings, minutes=args.minutes, steps=args.steps or 10**9)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
-    config = make_config()
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"{args.preset} preset on {device}: context {config.max_positions}, "
-          f"{ReformerLM(config).num_parameters():,} parameters, {settings.steps} steps of "
-          f"{settings.batch} x {config.max_positions} tokens, {'ordinary' if args.ordinary else 'reversible'} backprop")
-    model = train(config, settings, args.out, device=device, resume=args.resume, reversible=not args.ordinary,
+    config = make_config(prepare_tokenizer(settings, args.out).vocab_size)
+    budget = f"{settings.minutes:g} minutes" if settings.minutes else f"{settings.steps} steps"
+    print(f"{args.preset} preset on {device}: {settings.tokenizer} tokens, context {config.max_positions}, "
+          f"{ReformerLM(config).num_parameters():,} parameters, {budget} of {settings.batch} x "
+          f"{config.max_positions} tokens, {'ordinary' if args.ordinary else 'reversible'} backprop")
+    model = train(make_config, settings, args.out, device=device, resume=args.resume, reversible=not args.ordinary,
                   until=args.until)
     if args.export:
         export(model, args.export, args.out, device, args.preset)
