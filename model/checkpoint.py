@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ReformerConfig
 from .reformer import ReformerLM
+from .sampling import InvalidParameter, SamplingParams
 
 OUR_CONFIG = "reformer.json"
 WEIGHTS = "model.safetensors"
@@ -101,6 +102,28 @@ def read_config(directory: str | Path) -> ReformerConfig:
     if (directory / "config.json").exists():
         return ReformerConfig.from_hf_dict(json.loads((directory / "config.json").read_text()))
     raise CheckpointError(f"{directory} has neither {OUR_CONFIG} nor config.json")
+
+
+# Sampling fields a checkpoint's generation_config.json may set as its defaults (vLLM reads the same file).
+GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                       "frequency_penalty")
+
+
+def read_generation_defaults(directory: str | Path | None) -> dict[str, float]:
+    """The sampling defaults a checkpoint ships in `generation_config.json` (other keys there are ignored)."""
+    path = Path(directory) / "generation_config.json" if directory is not None else None
+    if path is None or not path.exists():
+        return {}
+    document = json.loads(path.read_text())
+    defaults = {key: document[key] for key in GENERATION_DEFAULTS if key in document}
+    bad = [key for key, value in defaults.items() if isinstance(value, bool) or not isinstance(value, (int, float))]
+    if bad:
+        raise CheckpointError(f"{path}: {bad} must be numbers")
+    try:  # the same checks a request's values get, so a default can never be refused later
+        SamplingParams(**dict(defaults, top_k=max(0, int(defaults.get("top_k", 0)))))
+    except (InvalidParameter, TypeError) as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    return defaults
 
 
 def load_model(path: str | Path, *, lm_head_bias: bool | None = None) -> ReformerLM:

@@ -114,9 +114,14 @@ class SamplingFields(_Strict):
             raise APIError(400, "'stop' strings must not be empty.", param="stop", code="invalid_value")
         return stop
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None, vocab_size: int) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None, vocab_size: int,
+                        defaults: dict[str, float] | None = None) -> SamplingParams:
         """The one conversion to sampling parameters, which check their own ranges and, against the
-        vocabulary, every token id they hold (stop tokens, biases, allowed tokens)."""
+        vocabulary, every token id they hold (stop tokens, biases, allowed tokens). `defaults` (the model's
+        generation_config.json) fill the fields the request did not set."""
+        unset = {name: value for name, value in (defaults or {}).items() if name not in self.model_fields_set}
+        if unset:
+            return self.model_copy(update=unset).sampling_params(max_tokens, logprobs, vocab_size)
         try:
             bias = tuple((int(token), float(value)) for token, value in (self.logit_bias or {}).items())
         except ValueError:

@@ -43,6 +43,7 @@ class ModelInfo:
     embedding_size: int
     created: int
     cache: dict  # server.capacity.CachePlan.describe()
+    sampling_defaults: dict  # the checkpoint's generation_config.json: what a request that does not say gets
 
 
 class OpenAISpec(LitSpec):
@@ -222,7 +223,7 @@ class OpenAISpec(LitSpec):
         return JSONResponse({"model": self.info.name, "backend": settings.backend,
                              "device": settings.resolved_device(), "execution_provider": settings.execution_provider,
                              "max_context": self.info.max_context, "embedding_size": self.info.embedding_size,
-                             "cache": self.info.cache})
+                             "cache": self.info.cache, "sampling_defaults": self.info.sampling_defaults})
 
     async def metrics_route(self, request: Request) -> Response:
         from .metrics import exposition

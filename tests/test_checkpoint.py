@@ -89,3 +89,26 @@ def test_mismatched_weights_are_reported(tmp_path):
         load_model(tmp_path)
     with pytest.raises(CheckpointError):
         load_model(tmp_path / "missing")
+
+
+def test_generation_defaults_are_read_checked_and_filled_only_where_a_request_is_silent(tmp_path):
+    from model.checkpoint import read_generation_defaults
+    from server.protocol import CompletionRequest
+
+    assert read_generation_defaults(tmp_path) == {} and read_generation_defaults(None) == {}
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"temperature": 0.6, "top_p": 0.9, "repetition_penalty": 1.2, "max_new_tokens": 99, "eos_token_id": 2}))
+    defaults = read_generation_defaults(tmp_path)
+    assert defaults == {"temperature": 0.6, "top_p": 0.9, "repetition_penalty": 1.2}  # sampling fields only
+
+    silent = CompletionRequest(prompt="x").sampling_params(8, None, 258, defaults)
+    assert (silent.temperature, silent.top_p, silent.repetition_penalty) == (0.6, 0.9, 1.2)
+    explicit = CompletionRequest(prompt="x", temperature=1.0, repetition_penalty=1.0).sampling_params(
+        8, None, 258, defaults)
+    assert (explicit.temperature, explicit.top_p, explicit.repetition_penalty) == (1.0, 0.9, 1.0)
+    assert CompletionRequest(prompt="x").sampling_params(8, None, 258).temperature == 1.0  # no defaults: OpenAI's
+
+    for bad in ({"temperature": -1}, {"top_p": "high"}, {"repetition_penalty": True}):
+        (tmp_path / "generation_config.json").write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match="generation_config.json"):
+            read_generation_defaults(tmp_path)

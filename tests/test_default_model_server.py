@@ -1,11 +1,14 @@
-"""The README's first command: `python -m server` with no --model serves the embedded default model."""
+"""The README's first command: `python -m server` with no --model serves the embedded default model, with its
+tokenizer and the sampling defaults it ships (`generation_config.json`)."""
 
 from __future__ import annotations
 
 import httpx
 
-from model import ByteTokenizer, SamplingParams, generate, load_model
 from bench.launcher import ServerProcess
+from model import SamplingParams, generate, load_model
+from model.checkpoint import read_generation_defaults
+from model.tokenizer import load_tokenizer
 from server.settings import DEFAULT_MODEL
 
 
@@ -14,13 +17,22 @@ def test_server_without_a_model_option_serves_the_default_model(tmp_path):
     try:
         models = httpx.get(f"{server.url}/v1/models", timeout=30).json()
         assert [entry["id"] for entry in models["data"]] == ["reformer-default"]
+        defaults = read_generation_defaults(DEFAULT_MODEL)
+        assert httpx.get(f"{server.url}/info", timeout=30).json()["sampling_defaults"] == defaults
+        tokenizer, model = load_tokenizer(DEFAULT_MODEL), load_model(DEFAULT_MODEL)
         prompt = "def fibonacci(n):\n"
+        # greedy, said explicitly; whatever else the checkpoint sets (a repetition penalty, say) still applies
         reply = httpx.post(f"{server.url}/v1/completions", timeout=120, json={
             "model": "reformer-default", "prompt": prompt, "max_tokens": 24, "temperature": 0})
         assert reply.status_code == 200, reply.text
-        tokenizer = ByteTokenizer()
-        expected = generate(load_model(DEFAULT_MODEL), [tokenizer.encode(prompt)],
-                            SamplingParams(max_tokens=24, temperature=0), num_slots=1)[0]
+        expected = generate(model, [tokenizer.encode(prompt)],
+                            SamplingParams(max_tokens=24, **dict(defaults, temperature=0)), num_slots=1)[0]
+        assert reply.json()["choices"][0]["text"] == tokenizer.decode(expected.token_ids)
+        # a request that sets nothing samples with the checkpoint's defaults: the same seed gives the same text
+        seeded = {"model": "reformer-default", "prompt": prompt, "max_tokens": 24, "seed": 7}
+        reply = httpx.post(f"{server.url}/v1/completions", timeout=120, json=seeded)
+        expected = generate(model, [tokenizer.encode(prompt)],
+                            SamplingParams(max_tokens=24, seed=7, **defaults), num_slots=1)[0]
         assert reply.json()["choices"][0]["text"] == tokenizer.decode(expected.token_ids)
     finally:
         server.stop()
