@@ -3,8 +3,11 @@
     python -m bench.bench_core [--device cuda|cpu] [--quick]
 
 Times, for a 6-layer, d=512, 8-head Reformer (fp16 on a GPU, fp32 on a CPU; random weights):
-- one decode step of ours vs the reference's cached step, batch 1, at several contexts; ours at batch 16;
-- a full forward (all logits) of ours vs the reference at several lengths, with peak memory.
+- one decode step of ours vs the reference's cached step, batch 1, at several contexts; ours at batch 16 (and
+  64 on a GPU);
+- a full forward (all logits) of ours vs the reference at several lengths, with peak memory; on a GPU also ours
+  alone at 256K and 1M tokens, with the same model's position grid widened to reach them (the reference's
+  dense-chunk attention is not run there).
 Writes bench/results/core-<device>.json; `python -m bench.report` turns all results into BENCHMARKS.md.
 """
 
@@ -14,13 +17,13 @@ import argparse
 import datetime
 import faulthandler
 import json
+import math
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -41,17 +44,24 @@ BENCH_MODEL = dict(
 )
 
 
+# `--smoke`: the same kinds of layers at toy sizes, so that the whole script runs in seconds on a CPU.
+SMOKE_MODEL = dict(BENCH_MODEL, hidden_size=64, num_attention_heads=2, attention_head_size=32,
+                   attn_layers=["local", "lsh"], feed_forward_size=128, lsh_attn_chunk_length=64,
+                   local_attn_chunk_length=64, num_buckets=8, axial_pos_shape=[32, 32], axial_pos_embds_dim=[16, 48],
+                   max_position_embeddings=1024)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def build_models(device: torch.device, dtype: torch.dtype):
+def build_models(device: torch.device, dtype: torch.dtype, shape: dict = BENCH_MODEL):
     from transformers import ReformerConfig as HFConfig
     from transformers import ReformerModelWithLMHead
 
     torch.manual_seed(0)
-    hf_config = HFConfig(**BENCH_MODEL)
+    hf_config = HFConfig(**shape)
     reference = ReformerModelWithLMHead(hf_config).eval()
     config = ReformerConfig.from_hf_dict(hf_config.to_dict())
     ours = ReformerLM(config).eval()
@@ -59,14 +69,24 @@ def build_models(device: torch.device, dtype: torch.dtype):
     return reference.to(device=device, dtype=dtype), ours.to(device=device, dtype=dtype)
 
 
+def long_model(ours: ReformerLM, positions: int, shape: dict = BENCH_MODEL) -> ReformerLM:
+    """Our model with its axial position grid widened to `positions` (a power of two); weights otherwise random."""
+    rows = 2 ** (int(math.log2(positions)) // 2)
+    config = ReformerConfig.from_hf_dict(dict(shape, max_position_embeddings=positions,
+                                              axial_pos_shape=[rows, positions // rows]))
+    torch.manual_seed(0)
+    parameter = next(ours.parameters())
+    return ReformerLM(config).eval().to(device=parameter.device, dtype=parameter.dtype)
+
+
 def prompt(length: int, seed: int = 0) -> list[int]:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, 258, (length,), generator=generator).tolist()
 
 
-def fitting(context: int, steps: int) -> int:
+def fitting(context: int, steps: int, shape: dict = BENCH_MODEL) -> int:
     """The longest context that leaves room for the timed steps (the model addresses 65536 positions)."""
-    return min(context, BENCH_MODEL["max_position_embeddings"] - steps - 8)
+    return min(context, shape["max_position_embeddings"] - steps - 8)
 
 
 def time_ours_step(ours: ReformerLM, context: int, batch: int, steps: int, device, graphs: bool | None = None) -> dict:
@@ -128,9 +148,10 @@ def time_forward(model, length: int, repeats: int, device, reference: bool) -> d
     return result
 
 
-def forward_in_child(impl: str, length: int, repeats: int) -> dict:
+def forward_in_child(impl: str, length: int, repeats: int, smoke: bool) -> dict:
     """CPU peak memory needs a fresh process: peak RSS growth over the loaded model is the forward's."""
     command = [sys.executable, "-m", "bench.bench_core", "--child-forward", impl, str(length), str(repeats)]
+    command += ["--smoke"] if smoke else []
     output = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -140,12 +161,12 @@ def _resident_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def child_forward(impl: str, length: int, repeats: int) -> None:
+def child_forward(impl: str, length: int, repeats: int, shape: dict) -> None:
     """Peak resident memory above the loaded model, sampled every millisecond during the forwards."""
     import threading
 
     device = torch.device("cpu")
-    reference, ours = build_models(device, torch.float32)
+    reference, ours = build_models(device, torch.float32, shape)
     model = reference if impl == "reference" else ours
     del reference, ours
     baseline = peak = _resident_bytes()
@@ -178,36 +199,47 @@ def guarded(measure, *args, **kwargs) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_core", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--quick", action="store_true", help="small sizes of the benchmark model")
+    parser.add_argument("--smoke", action="store_true", help="a toy model at toy sizes (the GPU campaign's --smoke)")
     parser.add_argument("--steps-only", action="store_true",
                         help="re-measure the decode steps (1K and 64K) into the existing result file")
     parser.add_argument("--child-forward", nargs=3, metavar=("IMPL", "LENGTH", "REPEATS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_forward:
         impl, length, repeats = args.child_forward
-        child_forward(impl, int(length), int(repeats))
+        child_forward(impl, int(length), int(repeats), SMOKE_MODEL if args.smoke else BENCH_MODEL)
         return
+    shape = SMOKE_MODEL if args.smoke else BENCH_MODEL
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     dtype = torch.float16 if gpu else torch.float32
-    if args.quick:
-        step_contexts, forward_lengths, batch, steps, ref_steps = [1024, 4096], [1024, 2048], 4, 70, 4
+    # long_lengths: ours alone, with a widened position grid
+    long_lengths: list[int] = []
+    if args.smoke:
+        step_contexts, forward_lengths, batches, steps, ref_steps = [256, 768], [256, 512], [2], 12, 3
+        long_lengths = [2048]
+    elif args.quick:
+        step_contexts, forward_lengths, batches, steps, ref_steps = [1024, 4096], [1024, 2048], [4], 70, 4
+        long_lengths = [131072] if gpu else [4096]
     elif args.steps_only:
-        step_contexts, forward_lengths, batch, steps, ref_steps = [1024, 65536], [], 16, 160, 12
+        step_contexts, forward_lengths, batches, steps, ref_steps = [1024, 65536], [], [16], 160, 12
     elif gpu:
-        step_contexts, forward_lengths, batch, steps, ref_steps = [1024, 16384, 65536], [4096, 16384, 65536], 16, 160, 12
+        step_contexts, forward_lengths, batches, steps, ref_steps = [1024, 16384, 65536], [4096, 16384, 65536], \
+            [16, 64], 160, 12
+        long_lengths = [262144, 1048576]
     else:
-        step_contexts, forward_lengths, batch, steps, ref_steps = [1024, 4096, 16384], [1024, 4096, 16384], 16, 140, 8
+        step_contexts, forward_lengths, batches, steps, ref_steps = [1024, 4096, 16384], [1024, 4096, 16384], [16], \
+            140, 8
     torch.set_num_threads(os.cpu_count() or 1)
     if gpu:
         faulthandler.dump_traceback_later(300, exit=True)  # a hang shows where it is
-    reference, ours = build_models(device, dtype)
+    reference, ours = build_models(device, dtype, shape)
     result = {
         "benchmark": "core", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if gpu else f"CPU ({platform.processor() or platform.machine()}, "
                                                                  f"{os.cpu_count()} cores)",
         "device_type": device.type, "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
-        "model": {k: BENCH_MODEL[k] for k in ("hidden_size", "num_attention_heads", "attn_layers", "num_hashes",
+        "model": {k: shape[k] for k in ("hidden_size", "num_attention_heads", "attn_layers", "num_hashes",
                                               "num_buckets", "lsh_attn_chunk_length", "local_attn_chunk_length")},
         "parameters": ours.num_parameters(), "steps": [], "forward": [],
     }
@@ -217,7 +249,7 @@ def main() -> None:
         result["transformers"] = transformers.__version__
     except ImportError:
         pass
-    folder = ROOT / "bench" / "out" if args.quick else Path(os.environ.get("BENCH_OUT", RESULTS))
+    folder = ROOT / "bench" / "out" if (args.quick or args.smoke) and not os.environ.get("BENCH_OUT") else RESULTS
     path = folder / f"core-{device.type}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -234,19 +266,31 @@ def main() -> None:
                      "reference": guarded(time_forward, reference, length, 3, device, reference=True)}
             torch.cuda.empty_cache()
         else:
-            entry = {"length": length, "ours": forward_in_child("ours", length, 2),
-                     "reference": forward_in_child("reference", length, 2)}
+            entry = {"length": length, "ours": forward_in_child("ours", length, 2, args.smoke),
+                     "reference": forward_in_child("reference", length, 2, args.smoke)}
         result["forward"].append(entry)
         save()
         print(json.dumps(entry), flush=True)
+    if long_lengths:
+        widened = long_model(ours, max(long_lengths), shape)
+        for length in long_lengths:
+            entry = {"length": length, "ours": guarded(time_forward, widened, length, 2, device, reference=False),
+                     "reference": {"skipped": "beyond the benchmark model's 64K positions"}}
+            result["forward"].append(entry)
+            save()
+            print(json.dumps(entry), flush=True)
+        del widened
+        if gpu:
+            torch.cuda.empty_cache()
     for context in step_contexts:
-        context = fitting(context, steps)
+        context = fitting(context, steps, shape)
         entry = {"context": context}
         if gpu:  # the same step without CUDA graphs, to show what the graphs buy
             entry["ours_batch1_eager"] = guarded(time_ours_step, ours, context, 1, 40, device, graphs=False)
-        entry.update({"ours_batch1": guarded(time_ours_step, ours, context, 1, steps, device),
-                 f"ours_batch{batch}": guarded(time_ours_step, ours, context, batch, steps, device),
-                 "reference_batch1": guarded(time_reference_step, reference, context, ref_steps, device)})
+        entry["ours_batch1"] = guarded(time_ours_step, ours, context, 1, steps, device)
+        for batch in batches:
+            entry[f"ours_batch{batch}"] = guarded(time_ours_step, ours, context, batch, steps, device)
+        entry["reference_batch1"] = guarded(time_reference_step, reference, context, ref_steps, device)
         result["steps"].append(entry)
         save()
         print(json.dumps(entry), flush=True)
