@@ -276,7 +276,8 @@ def gpu_tests_section(result: dict) -> list[str]:
 def eval_section(result: dict) -> list[str]:
     xz = result["compressors_bpb"]["xz -9e"]
     lines = [*_heading(result),
-             f"{result['parameters'] / 1e6:.1f}M parameters, context {result['model']['max_position_embeddings']:,}; "
+             f"{result['parameters'] / 1e6:.1f}M parameters, {result.get('tokenizer', 'bytes')} tokens, context "
+             f"{result['model']['max_position_embeddings']:,}; "
              f"test split of Python {result['python']}'s standard library: {result['test_split']['files']} files, "
              f"{result['test_split']['bytes']:,} bytes.", "",
              "| coder | bits per byte | ÷ xz -9e |", "|---|---:|---:|",
@@ -285,7 +286,9 @@ def eval_section(result: dict) -> list[str]:
         lines.append(f"| {name} | {value:.3f} | {_ratio(value, xz)} |")
     buckets = result["position_buckets_bpb"]
     first, last = buckets["0K-1K"], buckets["16K+"]
-    lines += ["", f"Target: ≥15% below xz -9e — {100 * result['below_xz']:.1f}%, {_verdict(result['below_xz'] >= 0.15)}.",
+    bz2 = result["compressors_bpb"]["bz2 -9"]
+    lines += ["", f"Targets: trained on a CPU, at most bz2 -9 ({bz2:.3f}) — {result['model_bpb']:.3f}, "
+                  f"{_verdict(result['model_bpb'] <= bz2)}; trained on a GPU, at most 0.85 × xz -9e ({0.85 * xz:.3f}).",
               "", f"By position in the {result['long_files']} test files longer than 16K bytes:", "",
               "| " + " | ".join(buckets) + " |", "|" + "---:|" * len(buckets),
               "| " + " | ".join(f"{v:.3f}" for v in buckets.values()) + " |", "",

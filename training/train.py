@@ -113,9 +113,12 @@ PRESETS = {
              TrainSettings(steps=40, batch=2, lr=3e-3, warmup=4, eval_every=20, eval_files=2, eval_bytes=1000,
                            checkpoint_every=20)),
 }
-# The winner of the comparison (bench/results/recipes.json), for 55 minutes of this machine by the clock.
+# The winner of the comparison (bench/results/recipes.json), for 55 minutes of this machine by the clock; and the
+# same recipe over about three hours of it (~7 s a step), to be run a session at a time with --until and --resume.
 PRESETS["cpu"] = (PRESETS["cpu-sp"][0], dataclasses.replace(PRESETS["cpu-sp"][1], minutes=55.0, steps=1_000_000,
                                                             warmup=20, eval_every=100))
+PRESETS["cpu-long"] = (PRESETS["cpu-sp"][0], dataclasses.replace(PRESETS["cpu-sp"][1], steps=1500, warmup=40,
+                                                                 eval_every=100))
 
 
 def language_model_loss(model: ReformerLM, ids: Tensor, *, reversible: bool = True) -> Tensor:
