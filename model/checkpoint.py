@@ -116,12 +116,9 @@ def read_generation_defaults(directory: str | Path | None) -> dict[str, float]:
         return {}
     document = json.loads(path.read_text())
     defaults = {key: document[key] for key in GENERATION_DEFAULTS if key in document}
-    bad = [key for key, value in defaults.items() if isinstance(value, bool) or not isinstance(value, (int, float))]
-    if bad:
-        raise CheckpointError(f"{path}: {bad} must be numbers")
-    try:  # the same checks a request's values get, so a default can never be refused later
-        SamplingParams(**dict(defaults, top_k=max(0, int(defaults.get("top_k", 0)))))
-    except (InvalidParameter, TypeError) as error:
+    try:  # the same checks a request's values get (top_k -1 means off there too), so a default is never refused
+        SamplingParams(**dict(defaults, top_k=0 if defaults.get("top_k") == -1 else defaults.get("top_k", 0)))
+    except InvalidParameter as error:
         raise CheckpointError(f"{path}: {error}") from None
     return defaults
 

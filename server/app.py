@@ -17,8 +17,6 @@ from contextlib import asynccontextmanager
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.checkpoint import read_generation_defaults
-
 from . import __version__, lifecycle, metrics, openapi, security
 from .capacity import CacheTooSmall, plan_cache
 from .http_limits import guarded_protocol
@@ -46,7 +44,7 @@ def build_server(settings: ServerSettings):
     device = settings.resolved_device()
     info = ModelInfo(name=settings.model_name, max_context=settings.max_context(config), vocab_size=config.vocab_size,
                      embedding_size=2 * config.hidden_size, created=int(time.time()), cache=cache.describe(),
-                     sampling_defaults=read_generation_defaults(settings.model_path))
+                     sampling_defaults=settings.sampling_defaults())
     shared = lifecycle.SharedState()
     spec = OpenAISpec(settings, info, shared)
     api = ReformerAPI(settings, spec, shared, cache)

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.checkpoint import CheckpointError, read_config
+from model.checkpoint import CheckpointError, read_config, read_generation_defaults
 from model.config import ReformerConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,6 +62,14 @@ class ServerSettings:
             if not self.model:
                 raise SystemExit(f"no embedded default model at {path} yet: pass --model DIRECTORY") from None
             raise SystemExit(f"--model {path}: {error}") from None
+
+    def sampling_defaults(self) -> dict[str, float]:
+        """The checkpoint's generation_config.json defaults; a bad file stops start-up with one line, as a bad
+        config does."""
+        try:
+            return read_generation_defaults(self.model_path)
+        except CheckpointError as error:
+            raise SystemExit(f"--model {self.model_path}: {error}") from None
 
     def max_context(self, config: ReformerConfig) -> int:
         return min(config.max_positions, self.max_model_len or config.max_positions)

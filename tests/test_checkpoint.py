@@ -112,3 +112,20 @@ def test_generation_defaults_are_read_checked_and_filled_only_where_a_request_is
         (tmp_path / "generation_config.json").write_text(json.dumps(bad))
         with pytest.raises(CheckpointError, match="generation_config.json"):
             read_generation_defaults(tmp_path)
+
+
+def test_a_bad_generation_config_stops_start_up_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.server_harness import tiny_checkpoint
+
+    checkpoint = tiny_checkpoint(tmp_path / "tiny")
+    (checkpoint / "generation_config.json").write_text(json.dumps({"temperature": -1}))
+    from bench.launcher import free_port
+
+    result = subprocess.run([sys.executable, "-m", "server", "--model", str(checkpoint), "--port", str(free_port())],
+                            capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in output, output[-2000:]
+    assert "generation_config.json" in output and "'temperature' must be" in output
