@@ -92,9 +92,9 @@ def _percentile(values: list[float], share: float) -> float | None:
     return statistics.quantiles(values, n=100)[round(100 * share) - 1] if len(values) >= 2 else None
 
 
-def _payload(length: int, tokens: int, seed: int, **extra) -> dict:
+def _payload(length: int, tokens: int, seed: int) -> dict:
     return {"prompt": prompt(length, seed=seed), "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, **extra}
+            "stream": True}
 
 
 async def streamed_rate(url: str, streams: int, prompt_tokens: int, tokens: int) -> dict:
