@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.evaluate import byte_bits, compressor_bits
+from training.evaluate import byte_bits, compressor_bits, lines_before_syntax_error, python_lines
 from model import load_model
 from training import corpus
 from model.attention import LSHSelfAttention
@@ -263,6 +263,19 @@ def test_compressor_baselines_are_computed_on_the_bytes():
     repetitive, random_ = compressor_bits(text), compressor_bits(noise)
     assert set(repetitive) == {"gzip -9", "bz2 -9", "xz -9e"}
     assert all(v < 0.5 for v in repetitive.values()) and all(v > 7.9 for v in random_.values())
+
+
+def test_generated_lines_are_judged_by_pythons_compiler():
+    prompt = "def fibonacci(n):\n"
+    # an unfinished block or bracket is valid so far; blank lines and the cut-off last line are not counted
+    assert lines_before_syntax_error(prompt, "    if n < 2:\n\n        return (n,\n                0)\n    ret") == (3, 3)
+    # lines after the first error do not count even when they would compile on their own
+    assert lines_before_syntax_error(prompt, "    a = 1\n  b = 2\n    c = 3\n") == (1, 3)
+    assert lines_before_syntax_error("def main():\n", "  0x  0x  0x 0x\n") == (0, 1)
+    assert lines_before_syntax_error(prompt, "    return '\\d'\n") == (1, 1)  # a warning is not an error
+    samples = [{"prompt": prompt, "greedy": "    return n\n", "sampled": "    x = )\n    y\n"},
+               {"prompt": prompt, "greedy": "   \n", "sampled": "    pass\n"}]
+    assert python_lines(samples) == {"greedy": {"valid": 1, "lines": 1}, "sampled": {"valid": 1, "lines": 3}}
 
 
 def test_gpu_preset_builds_and_takes_a_short_step():

@@ -11,7 +11,8 @@
 - gzip -9, bz2 -9 and xz -9e on exactly the scored bytes (the test files concatenated), computed here;
 - bits per byte by position in the file (0-1K, 1K-4K, 4K-16K, 16K+) over the test files longer than 16K
   bytes, and a plot of it at finer positions;
-- greedy and sampled continuations of a few prompts.
+- greedy and sampled continuations of a few prompts, each judged by Python's own compiler: how many of its
+  non-blank lines come before the first syntax error.
 
 Writes bench/results/eval-default.json and .png, and model/default/MODEL_CARD.md from them and the training
 record (`training.json`, `training.model_card`); `python -m bench.report` adds the numbers to BENCHMARKS.md.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import bz2
+import codeop
 import datetime
 import gzip
 import json
@@ -30,6 +32,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +137,47 @@ def continuations(model: ReformerLM, tokenizer: Tokenizer, defaults: dict[str, f
             for i, p in enumerate(PROMPTS)]
 
 
+def _valid_so_far(source: str) -> bool:
+    """Whether Python's compiler accepts `source` as complete code or as code that is merely unfinished (an open
+    block or bracket); `codeop` tells the two apart from an error."""
+    try:
+        with warnings.catch_warnings():  # e.g. invalid escape sequences warn but compile
+            warnings.simplefilter("ignore")
+            codeop.compile_command(source, symbol="exec")
+    except (SyntaxError, ValueError, OverflowError):
+        return False
+    return True
+
+
+def lines_before_syntax_error(prompt: str, continuation: str) -> tuple[int, int]:
+    """(non-blank lines of the continuation before its first syntax error, its non-blank complete lines); a
+    continuation cut off mid-function still counts as valid so far."""
+    lines = continuation.split("\n")[:-1]  # the last piece is an unfinished line (or empty)
+    source, valid, total, broken = prompt, 0, 0, False
+    for line in lines:
+        source += line + "\n"
+        if line.strip():
+            total += 1
+            broken = broken or not _valid_so_far(source)
+            valid += not broken
+    return valid, total
+
+
+def python_lines(samples: list[dict]) -> dict[str, dict[str, int]]:
+    """For each kind of continuation, the non-blank lines before the first syntax error and in all, summed
+    over the prompts."""
+    totals: dict[str, dict[str, int]] = {}
+    for sample in samples:
+        for kind, text in sample.items():
+            if kind == "prompt":
+                continue
+            valid, lines = lines_before_syntax_error(sample["prompt"], text)
+            entry = totals.setdefault(kind, {"valid": 0, "lines": 0})
+            entry["valid"] += valid
+            entry["lines"] += lines
+    return totals
+
+
 def evaluate(model_dir: Path, limit_files: int | None = None) -> dict:
     model = load_model(model_dir).float()
     tokenizer = load_tokenizer(model_dir)
@@ -150,6 +194,7 @@ def evaluate(model_dir: Path, limit_files: int | None = None) -> dict:
     buckets, bins = position_profile(per_file)
     baselines = compressor_bits(data)
     model_bpb = total_bits / scored_bytes
+    samples = continuations(model, tokenizer, read_generation_defaults(model_dir))
     return {
         "benchmark": "eval_default",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -166,7 +211,8 @@ def evaluate(model_dir: Path, limit_files: int | None = None) -> dict:
         "position_buckets_bpb": buckets,
         "position_bins": bins,
         "eval_seconds": seconds,
-        "samples": continuations(model, tokenizer, read_generation_defaults(model_dir)),
+        "samples": samples,
+        "python_lines": python_lines(samples),
         "model": model.config.to_dict(),
         "parameters": model.num_parameters(),
     }

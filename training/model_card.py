@@ -64,6 +64,15 @@ def _buckets(num_buckets) -> str:
     return str(num_buckets)
 
 
+def _python_lines(result: dict) -> str:
+    judged = result.get("python_lines")
+    if not judged:
+        return ""
+    counts = "; ".join(f"{kind}: {entry['valid']} of {entry['lines']}" for kind, entry in judged.items())
+    return ("Non-blank generated lines that Python's compiler accepts before the first syntax error (`codeop`: an "
+            f"unfinished block or bracket counts as valid so far), over the three prompts: {counts}.\n\n")
+
+
 def model_card(result: dict, training: dict, size_bytes: int) -> str:
     config = result["model"]
     history = training["history"]
@@ -116,12 +125,12 @@ Final validation: {validations[-1]['validation_bpb'] if validations else float('
 ![bits per byte by position](../../bench/results/eval-default.png)
 
 ## Samples
-{samples}
+{_python_lines(result)}{samples}
 
 ## Limitations
-- Trained on one corpus (standard-library Python) for a short time: it writes plausible Python with the
-  stdlib's style and names, not correct programs, and knows nothing else. Do not use it for anything but
-  trying the server.
+- Trained on one corpus (standard-library Python) for a short time: it imitates the stdlib's layout and names,
+  and how much of what it writes is even valid Python is counted under Samples; it writes no correct programs
+  and knows nothing else. Do not use it for anything but trying the server.
 - Text longer than the context cannot be continued beyond it (the server refuses prompts that do not fit).
   Positions far into the context were trained on fewer steps than the first thousand when most steps read
   short windows (see Data).
