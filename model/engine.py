@@ -178,8 +178,9 @@ class Engine:
 
     def _jobs(self) -> list[Job]:
         """Every request in flight, once each."""
-        running = list({id(c.job): c.job for c in self.running.values()}.values())
-        return [*self.waiting, *self.waiting_embeds, *running, *(self.work.members if self.work else [])]
+        jobs = [*self.waiting, *self.waiting_embeds, *(c.job for c in self.running.values()),
+                *(self.work.members if self.work else [])]
+        return list({id(job): job for job in jobs}.values())
 
     def fail_all(self, events: Events, status: int, message: str, code: ErrorCode) -> None:
         """End every request in flight with one error and return the engine to an empty state."""
@@ -342,13 +343,13 @@ class Engine:
         except Exception as error:  # noqa: BLE001 - a failed forward fails its members, not the engine
             self._forward_failed(work, error, events)
             return
-        self.work = None
         if self.metrics:
             self.metrics.prefill(work.tokens, time.monotonic() - work.started)
         if work.kind == "embed":
             self._finish_embeddings(work, result, events)
         else:
             self._start_decoding(work, result, events)
+        self.work = None  # only now: should the hand-over fail, `fail_all` still finds every member
 
     def _forward_failed(self, work: Work, error: Exception, events: Events) -> None:
         """A batch that fails is split: each member is retried alone, so only the one that breaks it fails."""
@@ -377,29 +378,39 @@ class Engine:
             offset += count
 
     def _start_decoding(self, work: Work, result, events: Events) -> None:
-        eos = self.model.config.eos_token_id
         for row, job in enumerate(work.members):
             if job.cancelled:
                 self._release(job)
                 continue
-            if job.request.prompt_logprobs:
-                events.append((job.route, _prompt_logprobs(job, result.prompt_logits[row])))
-            if job.request.params.max_tokens == 0:
+            try:
+                self._start_job(job, row, result, events)
+            except Exception as error:  # noqa: BLE001 - one request's start (e.g. its prompt logprobs), not the batch's
+                log.exception("starting generation failed for %s", job.uid)
                 self._release(job)
-                events.append((job.route, Finished(job.uid, FinishReason.LENGTH, job.tokens, 0)))
-                continue
-            first = job.choices[0]
-            for choice in job.choices:
-                if choice is not first:
-                    self.decoder.copy_slot(first.slot, choice.slot)
-                self.adjuster.start(choice.slot, job.request.prompt_ids, choice.sampler.params, eos)
-                self.running[choice.slot] = choice
-            logits = result.last_logits[row: row + 1]
-            adjusted = self.adjuster.apply(logits, [first.slot])  # the same for every choice: one prompt
-            for choice in job.choices:
-                if not self._accept(choice, logits[0], None if adjusted is None else adjusted[0], events):
-                    break
-            self._count_tokens(job.choices)
+                events.append((job.route, Failed(job.uid, 500, f"starting generation failed: {error}",
+                                                 ErrorCode.INTERNAL)))
+
+    def _start_job(self, job: GenerateJob, row: int, result, events: Events) -> None:
+        """Put a prefilled request's choices into their decode slots and sample each one's first token."""
+        if job.request.prompt_logprobs:
+            events.append((job.route, _prompt_logprobs(job, result.prompt_logits[row])))
+        if job.request.params.max_tokens == 0:
+            self._release(job)
+            events.append((job.route, Finished(job.uid, FinishReason.LENGTH, job.tokens, 0)))
+            return
+        first = job.choices[0]
+        for choice in job.choices:
+            if choice is not first:
+                self.decoder.copy_slot(first.slot, choice.slot)
+            self.adjuster.start(choice.slot, job.request.prompt_ids, choice.sampler.params,
+                                self.model.config.eos_token_id)
+            self.running[choice.slot] = choice
+        logits = result.last_logits[row: row + 1]
+        adjusted = self.adjuster.apply(logits, [first.slot])  # the same for every choice: one prompt
+        for choice in job.choices:
+            if not self._accept(choice, logits[0], None if adjusted is None else adjusted[0], events):
+                break
+        self._count_tokens(job.choices)
 
     # ---- decoding -------------------------------------------------------------------------------------
     def _decode_step(self, events: Events) -> None:
@@ -484,8 +495,8 @@ def _completion_tokens(job: Job) -> int:
 
 def _prompt_logprobs(job: GenerateJob, logits: torch.Tensor) -> PromptLogprobs:
     """Log-probability of each prompt token given the ones before it (the first has none)."""
-    ids = torch.tensor(job.request.prompt_ids)
     logprobs = torch.log_softmax(logits.float(), dim=-1)
+    ids = torch.tensor(job.request.prompt_ids, device=logprobs.device)
     chosen = [None] + logprobs[:-1].gather(1, ids[1:, None])[:, 0].tolist()
     count = job.request.params.logprobs or 0
     top: list = [None] * len(ids)

@@ -11,7 +11,7 @@ from model.detokenize import TextStream
 from model.engine import Engine
 from model.messages import (Cancel, EmbedRequest, Embeddings, ErrorCode, Failed, Finished, FinishReason,
                             GenerateRequest, Token)
-from model.sampling import MIN_TEMPERATURE, InvalidParameter, Sampler
+from model.sampling import MIN_TEMPERATURE, InvalidParameter, Sampler, TokenChoice
 from server.settings import parse_args
 from tests.server_harness import tiny_checkpoint
 
@@ -65,6 +65,32 @@ def test_text_stream_can_keep_the_stop_string_and_show_special_tokens():
     shown = TextStream(tokenizer, skip_special=False)
     text = "".join(shown.push(t)[0] for t in [*tokenizer.encode("a"), tokenizer.eos_id, *tokenizer.encode("b")])
     assert text + shown.finish() == "a</s>b"
+
+
+def _scripted(monkeypatch, tokens: list[int]) -> None:
+    """Every sampler picks `tokens` in turn, whatever the model says."""
+    script = iter(tokens)
+    monkeypatch.setattr(Sampler, "choose", lambda self, logits, adjusted=None: TokenChoice(next(script), 0.0))
+
+
+def test_a_request_that_fails_to_start_decoding_fails_alone_and_frees_its_slot(model, monkeypatch):
+    """A fault after the prefill (here: scoring the prompt for echo with logprobs) ends that request with a
+    500; the request prefilled with it and the one already decoding are served as if alone."""
+    import model.engine as engine_module
+
+    engine = Engine(model, ByteTokenizer(), max_running=3)
+    engine.submit(GenerateRequest("early", (5, 6, 7), GREEDY))
+    while not engine.running:
+        engine.iteration()
+    monkeypatch.setattr(engine_module, "_prompt_logprobs", lambda job, logits: 1 / 0)
+    engine.submit(GenerateRequest("echo", (8, 9), GREEDY, prompt_logprobs=True))
+    engine.submit(GenerateRequest("beside", (10, 11), GREEDY))
+    outputs = run(engine)
+    failure = ending(outputs, "echo")
+    assert isinstance(failure, Failed) and failure.status == 500 and "starting generation" in failure.message
+    assert tokens_of(outputs, "beside") == alone(model, [10, 11])
+    assert ending(outputs, "early").reason is FinishReason.LENGTH
+    assert engine.decoder.free_slots == 3 and not engine.running and engine.work is None
 
 
 def test_requests_borrow_cache_blocks_for_what_they_need_and_wait_for_them(model):

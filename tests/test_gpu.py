@@ -4,7 +4,8 @@
 - our full forward against the reference on the GPU in fp32, rotations drawn as the reference draws them on CUDA;
 - half precision: the model in fp16 / bf16 with the kernel is no further from its fp32 forward than the same
   half-precision model on the plain-torch path (the kernel adds no error of its own);
-- decode steps replayed from CUDA graphs against eager steps, fp32 and fp16.
+- decode steps replayed from CUDA graphs against eager steps, fp32 and fp16;
+- the engine on the GPU against the engine on the CPU: prompt logprobs (echo), n choices, embeddings.
 
 With `REFORMER_GPU_RESULTS=FILE` each measured difference, its tolerance and its verdict are written to FILE
 (`python -m bench.report` renders bench/results/gpu-tests-*.json in BENCHMARKS.md).
@@ -128,3 +129,40 @@ def test_graph_replays_match_eager_steps(dtype, gpu_check):
         runs[graphs] = steps
     difference = max((a - b).abs().max().item() for a, b in zip(runs[True], runs[False]))
     gpu_check(f"decode steps, CUDA graphs vs eager, {str(dtype)[6:]} (max abs logits)", difference, GRAPHS_TOLERANCE)
+
+
+def test_the_engine_serves_every_request_kind_on_the_gpu_as_on_the_cpu(tmp_path, gpu_check):
+    """Paths the CPU tests cover but that only a GPU can break by mixing devices: the prompt's logprobs (echo
+    with logprobs), n choices from one prefill, stop strings, embeddings. fp32 on both devices."""
+    import numpy as np
+
+    from model import ByteTokenizer, SamplingParams, load_model
+    from model.engine import Engine
+    from model.messages import EmbedRequest, Embeddings, Failed, GenerateRequest, PromptLogprobs, Token
+    from tests.server_harness import tiny_checkpoint
+
+    path = tiny_checkpoint(tmp_path / "tiny")
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, logprobs=2)
+    runs = {}
+    for device in ("cpu", "cuda"):
+        engine = Engine(load_model(path).to(device), ByteTokenizer(), max_running=4)
+        engine.submit(GenerateRequest("echo", (5, 6, 7, 8), greedy, prompt_logprobs=True))
+        engine.submit(GenerateRequest("n", (9, 10), greedy, n=2, stop=("zz",)))
+        engine.submit(EmbedRequest("embed", ((5, 6, 7), (8, 9))))
+        outputs = []
+        for _ in range(1000):
+            if not engine.has_work():
+                break
+            outputs += [output for _, output in engine.iteration()]
+        assert not [o for o in outputs if isinstance(o, Failed)], device
+        runs[device] = {
+            "prompt": next(o for o in outputs if isinstance(o, PromptLogprobs)).token_logprobs[1:],
+            "tokens": [(o.uid, o.index, o.token) for o in outputs if isinstance(o, Token)],
+            "embeddings": next(o for o in outputs if isinstance(o, Embeddings)).vectors,
+        }
+    cpu, cuda = runs["cpu"], runs["cuda"]
+    assert cuda["tokens"] == cpu["tokens"]
+    gpu_check("engine: prompt logprobs, GPU vs CPU (max abs)",
+              float(np.abs(np.array(cuda["prompt"]) - np.array(cpu["prompt"])).max()), 1e-4)
+    gpu_check("engine: embeddings, GPU vs CPU (max abs)",
+              float(np.abs(cuda["embeddings"] - cpu["embeddings"]).max()), 1e-4)
