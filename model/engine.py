@@ -465,7 +465,11 @@ class Engine:
         params = choice.sampler.params
         reason = finish_reason(params, self.model.config.eos_token_id, picked.token, len(choice.generated))
         text = ""
-        if choice.text is not None and reason is not FinishReason.STOP:  # a stop token's text is not completion
+        if choice.text is None:
+            pass
+        elif reason is FinishReason.STOP:  # a stop token's own text is not completion, but what was held back is
+            text = choice.text.finish()
+        else:
             text, stopped = choice.text.push(picked.token)
             if stopped:
                 reason = FinishReason.STOP

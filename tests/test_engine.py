@@ -73,6 +73,22 @@ def _scripted(monkeypatch, tokens: list[int]) -> None:
     monkeypatch.setattr(Sampler, "choose", lambda self, logits, adjusted=None: TokenChoice(next(script), 0.0))
 
 
+@pytest.mark.parametrize("ender", ["eos", "stop token"])
+def test_text_held_back_for_a_stop_string_is_released_when_a_stop_token_ends(model, monkeypatch, ender):
+    """A stop string holds back the text that might begin it; an end-of-sequence or stop token must still
+    release that text (without its own), or the answer loses its end."""
+    tokenizer = ByteTokenizer()
+    last = tokenizer.eos_id if ender == "eos" else tokenizer.encode("#")[0]
+    monkeypatch.setattr(model.config, "eos_token_id", tokenizer.eos_id)  # the tiny model names none
+    _scripted(monkeypatch, [*tokenizer.encode("The answer is 42."), last])
+    engine = Engine(model, tokenizer, max_running=1)
+    params = SamplingParams(max_tokens=50, temperature=0.0, stop_token_ids=(last,) if ender != "eos" else ())
+    engine.submit(GenerateRequest("a", (5, 6), params, stop=("\n\nUser:",)))
+    outputs = run(engine)
+    assert "".join(o.text for o in outputs if isinstance(o, Token)) == "The answer is 42."
+    assert ending(outputs, "a").reason is FinishReason.STOP
+
+
 def test_a_request_that_fails_to_start_decoding_fails_alone_and_frees_its_slot(model, monkeypatch):
     """A fault after the prefill (here: scoring the prompt for echo with logprobs) ends that request with a
     500; the request prefilled with it and the one already decoding are served as if alone."""
