@@ -6,10 +6,12 @@ Every parameter is either honoured or refused with a 400 that names it; nothing 
 from __future__ import annotations
 
 import json
+import typing
 from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError,
+                      model_validator)
 
 from model.sampling import (MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENALTY, MAX_SEED, MAX_TEMPERATURE, InvalidParameter,
                             SamplingParams)
@@ -63,6 +65,19 @@ class APIError(Exception):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """OpenAI documents its optional fields as nullable, null asking for the default, and clients generated
+        from its schema send it. A field whose None means something of its own (max_tokens: up to the
+        context) keeps it; a required one stays required."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {key: value for key, value in data.items()
+                if value is not None or key not in fields or fields[key].is_required()
+                or type(None) in typing.get_args(fields[key].annotation)}
 
 
 class StreamOptions(_Strict):

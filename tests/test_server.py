@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from model import ByteTokenizer, SamplingParams, embed, generate, load_model
+from server.protocol import ChatCompletionRequest, parse
 from tests.server_harness import API_KEY, RunningServer, tiny_checkpoint
 
 MAX_RUNNING = 8
@@ -353,6 +354,26 @@ def test_bad_requests_get_openai_errors(server, path, payload, status, param):
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert error["param"] == param
+
+
+def test_null_optional_fields_mean_their_defaults(server):
+    """OpenAI documents its optional fields as nullable; clients built from its schema send null. A null
+    asks for the default (and max_tokens null keeps its own meaning: up to the context)."""
+    nulls = {"temperature": None, "top_p": None, "n": None, "presence_penalty": None, "frequency_penalty": None,
+             "stream": None, "echo": None, "seed": None, "stop": None, "user": None}
+    with server.client() as client:
+        plain = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 5, "temperature": 0})
+        nulled = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 5, **nulls, "temperature": 0})
+        embedded = client.post("/v1/embeddings", json={"input": "abc", "encoding_format": None, "dimensions": None})
+        refused = client.post("/v1/completions", json={"prompt": None})
+    assert nulled.status_code == 200, nulled.text
+    assert nulled.json()["choices"][0]["text"] == plain.json()["choices"][0]["text"]
+    chat = parse(ChatCompletionRequest, json.dumps({"messages": [{"role": "user", "content": "hi"}], "logprobs": None,
+                                                    "top_logprobs": None, "stream_options": None, "n": None}).encode())
+    assert chat.logprobs is False and chat.n == 1 and chat.model_fields_set == {"messages", "top_logprobs",
+                                                                                 "stream_options"}
+    assert embedded.status_code == 200 and isinstance(embedded.json()["data"][0]["embedding"], list)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt"
 
 
 def test_context_overflow_quotes_the_numbers(server):
