@@ -232,7 +232,7 @@ class Engine:
                 events.append((message.route, Failed(message.uid, 500, f"request failed: {error}", ErrorCode.INTERNAL)))
 
     def _generate_job(self, request: GenerateRequest, now: float, deadline: float) -> GenerateJob:
-        request.params.validate(self.model.config.vocab_size)
+        request.params.validate(self.model.config.vocab_size, self.model.config.eos_token_id)
         self.decoder.check_fits(len(request.prompt_ids), request.params.max_tokens)
         if not 1 <= request.n <= self.decoder.num_slots:
             raise ValueError(f"'n' must be in 1..{self.decoder.num_slots} (the decode slots), got {request.n}")

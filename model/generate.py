@@ -32,7 +32,7 @@ def generate(model: ReformerLM, prompts: Sequence[Sequence[int]], params: Sampli
         params = [params] * len(prompts)
     decoder = decoder or Decoder(model, num_slots)
     for prompt, p in zip(prompts, params, strict=True):
-        p.validate(model.config.vocab_size)
+        p.validate(model.config.vocab_size, model.config.eos_token_id)
         decoder.check_fits(len(prompt), p.max_tokens)
     engine = Engine(model, decoder=decoder, prefill_batch_tokens=decoder.prefill_batch_tokens)
     outputs = {str(i): GenerationOutput(list(prompt)) for i, prompt in enumerate(prompts)}

@@ -79,9 +79,6 @@ class SamplingParams:
             ("min_p", _number(self.min_p) and 0.0 <= self.min_p <= 1.0, "a number in [0, 1]"),
             ("min_tokens", _integer(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
              "an integer in [0, max_tokens]"),
-            ("allowed_token_ids", not (self.min_tokens and self.allowed_token_ids is not None
-                                       and set(self.allowed_token_ids) <= set(self.stop_token_ids)),
-             "a list with a token that is not a stop token while min_tokens holds them back"),
         )
         for name, ok, expected in checks:
             if not ok:
@@ -97,12 +94,18 @@ class SamplingParams:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
                     or self.logit_bias or self.allowed_token_ids is not None or self.min_tokens)
 
-    def validate(self, vocab_size: int) -> None:
-        """What depends on the model: token ids inside its vocabulary."""
+    def validate(self, vocab_size: int, eos_token_id: int | None = None) -> None:
+        """What depends on the model: token ids inside its vocabulary, and a token left to draw while
+        min_tokens holds the end tokens (its end of sequence and the stop tokens) back."""
         for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", [t for t, _ in self.logit_bias]),
                           ("allowed_token_ids", self.allowed_token_ids or ())):
             if any(t >= vocab_size for t in ids):
                 raise InvalidParameter(name, f"token ids in [0, {vocab_size})", getattr(self, name))
+        ends = {*self.stop_token_ids, *([eos_token_id] if eos_token_id is not None and not self.ignore_eos else [])}
+        if self.min_tokens and self.allowed_token_ids is not None and set(self.allowed_token_ids) <= ends:
+            raise InvalidParameter("allowed_token_ids", "a list with a token that is not an end token (end of "
+                                   "sequence, stop_token_ids) while min_tokens holds those back",
+                                   self.allowed_token_ids)
 
     def for_choice(self, index: int) -> SamplingParams:
         """The parameters of choice `index` of n: the same, with its own seed (so n seeded choices differ

@@ -56,7 +56,8 @@ def engine_requests(spec, body: SamplingFields, generation: Generation, *, max_t
         tokens = maximum - len(prompt.ids) if max_tokens is None else max_tokens
         if len(prompt.ids) + tokens > maximum:
             raise protocol.context_error(maximum, len(prompt.ids), tokens, param="max_tokens")
-        params = body.sampling_params(tokens, logprobs, spec.info.vocab_size, spec.info.sampling_defaults)
+        params = body.sampling_params(tokens, logprobs, spec.info.vocab_size, spec.info.sampling_defaults,
+                                      spec.info.eos_token_id)
         requests.append(GenerateRequest(
             uid=generation.part(i), prompt_ids=tuple(prompt.ids), params=params, stop=stop,
             prompt_logprobs=prompt_logprobs, progress=body.stream, timeout=timeout, route=spec.engine.route,

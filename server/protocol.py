@@ -130,13 +130,14 @@ class SamplingFields(_Strict):
         return stop
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, vocab_size: int,
-                        defaults: dict[str, float] | None = None) -> SamplingParams:
+                        defaults: dict[str, float] | None = None, eos_token_id: int | None = None) -> SamplingParams:
         """The one conversion to sampling parameters, which check their own ranges and, against the
         vocabulary, every token id they hold (stop tokens, biases, allowed tokens). `defaults` (the model's
         generation_config.json) fill the fields the request did not set."""
         unset = {name: value for name, value in (defaults or {}).items() if name not in self.model_fields_set}
         if unset:
-            return self.model_copy(update=unset).sampling_params(max_tokens, logprobs, vocab_size)
+            return self.model_copy(update=unset).sampling_params(max_tokens, logprobs, vocab_size,
+                                                                  eos_token_id=eos_token_id)
         try:
             bias = tuple((int(token), float(value)) for token, value in (self.logit_bias or {}).items())
         except ValueError:
@@ -150,7 +151,7 @@ class SamplingFields(_Strict):
                 repetition_penalty=self.repetition_penalty, logit_bias=bias, min_p=self.min_p,
                 min_tokens=min(self.min_tokens, max_tokens),
                 allowed_token_ids=tuple(self.allowed_token_ids) if self.allowed_token_ids is not None else None)
-            params.validate(vocab_size)
+            params.validate(vocab_size, eos_token_id)
             return params
         except InvalidParameter as error:
             raise APIError(400, str(error), param=error.param, code="invalid_value") from None

@@ -40,6 +40,7 @@ class ModelInfo:
     name: str
     max_context: int
     vocab_size: int
+    eos_token_id: int | None  # min_tokens holds it back: a request must leave another token to draw
     embedding_size: int
     created: int
     cache: dict  # server.capacity.CachePlan.describe()

@@ -34,5 +34,9 @@ def test_server_without_a_model_option_serves_the_default_model(tmp_path):
         expected = generate(model, [tokenizer.encode(prompt)],
                             SamplingParams(max_tokens=24, seed=7, **defaults), num_slots=1)[0]
         assert reply.json()["choices"][0]["text"] == tokenizer.decode(expected.token_ids)
+        # only the end of sequence allowed while min_tokens holds it back: nothing could be drawn, a 400 not a 500
+        refused = httpx.post(f"{server.url}/v1/completions", timeout=30, json={
+            "prompt": prompt, "max_tokens": 4, "min_tokens": 1, "allowed_token_ids": [model.config.eos_token_id]})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "allowed_token_ids", refused.text
     finally:
         server.stop()

@@ -47,6 +47,18 @@ def test_invalid_parameters_name_themselves(field, value):
         SamplingParams(**{field: value}).validate(vocab_size=64)
 
 
+def test_min_tokens_must_leave_a_token_that_does_not_end_the_text():
+    """min_tokens masks the end tokens (the model's end of sequence unless ignored, and the stop tokens); if the
+    allowed tokens are all among them, nothing could be drawn."""
+    for params in (SamplingParams(allowed_token_ids=(2,), min_tokens=1),
+                   SamplingParams(allowed_token_ids=(2, 7), stop_token_ids=(7,), min_tokens=1)):
+        with pytest.raises(ValueError, match="'allowed_token_ids'"):
+            params.validate(vocab_size=64, eos_token_id=2)
+    SamplingParams(allowed_token_ids=(2,), min_tokens=1, ignore_eos=True).validate(vocab_size=64, eos_token_id=2)
+    SamplingParams(allowed_token_ids=(2, 3), min_tokens=1).validate(vocab_size=64, eos_token_id=2)
+    SamplingParams(allowed_token_ids=(2,)).validate(vocab_size=64, eos_token_id=2)
+
+
 def test_seeded_requests_ignore_their_batch_neighbours():
     _, model = build_pair(dict(TINY), sharp=False)
     rng = rng_for("neighbours")
