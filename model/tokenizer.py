@@ -17,7 +17,15 @@ class Tokenizer(Protocol):
 
     def token_text(self, token: int) -> str: ...
 
+    def token_bytes(self, token: int) -> bytes: ...
+
     def is_special(self, token: int) -> bool: ...
+
+
+def byte_text(byte: int) -> str:
+    """A token that stands for one byte, as OpenAI's API writes it: ASCII as itself, else bytes:\\xNN (one byte
+    of a longer character is not text on its own)."""
+    return chr(byte) if byte < 128 else f"bytes:\\x{byte:02x}"
 
 
 class ByteTokenizer:
@@ -47,8 +55,16 @@ class ByteTokenizer:
             return "</s>"
         if not self.OFFSET < token < self.vocab_size:
             return ""
-        byte = token - self.OFFSET
-        return chr(byte) if byte < 128 else f"bytes:\\x{byte:02x}"
+        return byte_text(token - self.OFFSET)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for (a special token: its name's)."""
+        if self.is_special(token):
+            return self.token_text(token).encode()
+        return bytes([token - self.OFFSET])
+
+
+WORD_BOUNDARY = "\u2581"  # SentencePiece's mark for a space
 
 
 class SentencePieceTokenizer:
@@ -69,7 +85,24 @@ class SentencePieceTokenizer:
         return self.processor.decode([i for i in ids if 0 <= i < self.vocab_size])
 
     def token_text(self, token: int) -> str:
-        return self.processor.id_to_piece(token) if 0 <= token < self.vocab_size else ""
+        """One token as a string for logprobs: its text (the piece with its word-boundary mark as the space it
+        stands for), a byte-fallback piece as `byte_text`, a control piece by its name."""
+        if not 0 <= token < self.vocab_size:
+            return ""
+        if self.processor.is_byte(token):
+            return byte_text(self._byte(token))
+        piece = self.processor.id_to_piece(token)
+        return piece if self.processor.is_control(token) or self.processor.is_unknown(token) else \
+            piece.replace(WORD_BOUNDARY, " ")
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for (a control piece: its name's)."""
+        if 0 <= token < self.vocab_size and self.processor.is_byte(token):
+            return bytes([self._byte(token)])
+        return self.token_text(token).encode()
+
+    def _byte(self, token: int) -> int:
+        return int(self.processor.id_to_piece(token)[3:5], 16)  # byte-fallback pieces are named <0xNN>
 
     def is_special(self, token: int) -> bool:
         return not 0 <= token < self.vocab_size or self.processor.is_control(token)

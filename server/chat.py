@@ -78,7 +78,8 @@ class ChatRoute(GenerationRoute):
                            code="invalid_value")
         options = body.stream_options
         generation = Generation(
-            spec, f"chatcmpl-{uuid.uuid4().hex}", [Prompt(ids, text)], n=body.n, keep=body.n, shape=ChatShape(),
+            spec, f"chatcmpl-{uuid.uuid4().hex}", [Prompt(ids, text)], n=body.n, keep=body.n,
+            shape=ChatShape(top_logprobs=logprobs or 0),
             echo=False, logprobs=body.logprobs, include_usage=bool(options and options.include_usage),
             continuous_usage=bool(options and options.continuous_usage_stats),
             include_progress=bool(options and options.include_progress), return_token_ids=body.return_token_ids,

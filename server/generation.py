@@ -29,6 +29,17 @@ class Prompt:
     text: str
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's logprobs entry: its text (`Tokenizer.token_text`), the bytes it stands for, its logprob, the
+    likeliest tokens as (text, bytes, logprob), and where its text starts."""
+    text: str
+    bytes: bytes
+    logprob: float | None
+    top: list[tuple[str, bytes, float]] | None
+    offset: int
+
+
 @dataclass
 class ChoiceState:
     index: int  # in the response
@@ -36,8 +47,8 @@ class ChoiceState:
     offset: int  # text_offset of the next token
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    logprobs: list[tuple[str, float | None, dict | None, int]] = field(default_factory=list)  # token, lp, top, offset
-    prompt_logprobs: list[tuple[str, float | None, dict | None, int]] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     echoed: bool = False  # the prompt went out (echo)
@@ -75,22 +86,21 @@ class Generation:
     # engine outputs -> state ------------------------------------------------------------------------------
     def _on_prompt(self, output: PromptLogprobs) -> None:
         """The prompt's logprob entries, made once and shared by its n choices (they only read them)."""
-        token_text = self.spec.tokenizer.token_text
         prompt = self.prompts[self.parts.index(output.uid)]
         entries, offset = [], 0
         for token, logprob, top in zip(prompt.ids, output.token_logprobs, output.top_logprobs):
-            text = token_text(token)
-            entries.append((text, logprob, self._top(top), offset))
-            offset += len(text)
+            entries.append(self._entry(token, logprob, top, offset))
+            offset += len(entries[-1].text)
         for (uid, _), choice in self.choices.items():
             if uid == output.uid:
                 choice.prompt_logprobs = entries
 
-    def _top(self, top) -> dict | None:
-        if top is None:
-            return None
-        token_text = self.spec.tokenizer.token_text
-        return {token_text(t): lp for t, lp in top}
+    def _entry(self, token: int, logprob: float | None, top: list[tuple[int, float]] | None,
+               offset: int) -> TokenLogprob:
+        tokenizer = self.spec.tokenizer
+        return TokenLogprob(tokenizer.token_text(token), tokenizer.token_bytes(token), logprob,
+                            None if top is None else [(tokenizer.token_text(t), tokenizer.token_bytes(t), lp)
+                                                      for t, lp in top], offset)
 
     def _on_token(self, output: Token) -> ChoiceState:
         now = time.monotonic()
@@ -106,9 +116,8 @@ class Generation:
         choice.token_ids.append(output.token)
         choice.cumulative_logprob += output.logprob
         if self.want_logprobs:
-            text = self.spec.tokenizer.token_text(output.token)
-            choice.logprobs.append((text, output.logprob, self._top(output.top_logprobs), choice.offset))
-            choice.offset += len(text)
+            choice.logprobs.append(self._entry(output.token, output.logprob, output.top_logprobs, choice.offset))
+            choice.offset += len(choice.logprobs[-1].text)
         if output.finish is not None:
             choice.finish_reason = output.finish.value
         return choice
@@ -282,15 +291,21 @@ class TextShape:
                 "model": generation.spec.info.name, "choices": choices}
 
 
-def _text_logprobs(entries: list | None) -> dict | None:
+def _text_logprobs(entries: list[TokenLogprob] | None) -> dict | None:
+    """OpenAI's legacy form: top_logprobs maps text to logprob, and holds the sampled token too (so up to
+    logprobs + 1 entries)."""
     if entries is None:
         return None
-    return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries],
-            "top_logprobs": [e[2] for e in entries], "text_offset": [e[3] for e in entries]}
+    return {"tokens": [e.text for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [None if e.top is None else {text: lp for text, _, lp in e.top} for e in entries],
+            "text_offset": [e.offset for e in entries]}
 
 
 class ChatShape:
     """/v1/chat/completions: `chat.completion(.chunk)` objects with messages and deltas."""
+
+    def __init__(self, top_logprobs: int = 0):
+        self.top_logprobs = top_logprobs
 
     def chunk(self, generation: Generation, choice: ChoiceState, text: str, logprobs: list | None,
               echo: bool) -> dict:
@@ -298,7 +313,7 @@ class ChatShape:
         if not choice.announced:  # the first chunk of a choice names the role
             choice.announced = True
             delta = {"role": "assistant", **delta}
-        item = {"index": choice.index, "delta": delta, "logprobs": _chat_logprobs(logprobs),
+        item = {"index": choice.index, "delta": delta, "logprobs": _chat_logprobs(logprobs, self.top_logprobs),
                 "finish_reason": choice.finish_reason}
         if generation.return_token_ids and choice.token_ids:
             item["token_ids"] = choice.token_ids[-1:]
@@ -309,17 +324,19 @@ class ChatShape:
 
     def body(self, generation: Generation, choices: list[ChoiceState]) -> dict:
         items = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                  "logprobs": _chat_logprobs(c.logprobs) if generation.want_logprobs else None,
+                  "logprobs": _chat_logprobs(c.logprobs, self.top_logprobs) if generation.want_logprobs else None,
                   "finish_reason": c.finish_reason} for c in choices]
         return {**TextShape._object(generation, items, "chat.completion"), "usage": generation.usage()}
 
 
-def _chat_logprobs(entries: list | None) -> dict | None:
+def _chat_logprobs(entries: list[TokenLogprob] | None, top_logprobs: int) -> dict | None:
+    """Chat's form: each token with its bytes, and exactly the `top_logprobs` likeliest tokens (the sampler
+    appends the sampled one when it is not among them, which chat does not show)."""
     if entries is None:
         return None
 
-    def item(token: str, logprob: float) -> dict:
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+    def item(text: str, raw: bytes, logprob: float) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(raw)}
 
-    return {"content": [{**item(token, logprob), "top_logprobs": [item(t, lp) for t, lp in (top or {}).items()]}
-                        for token, logprob, top, _ in entries]}
+    return {"content": [{**item(e.text, e.bytes, e.logprob),
+                         "top_logprobs": [item(*top) for top in (e.top or [])[:top_logprobs]]} for e in entries]}

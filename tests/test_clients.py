@@ -118,7 +118,24 @@ def test_chat_completion_matches_the_rendered_prompt(server):
     assert result.choices[0].message.content == greedy_text(server, rendered, 8)
     assert result.choices[0].message.role == "assistant" and result.choices[0].finish_reason == "length"
     assert len(result.choices[0].logprobs.content) == 8
-    assert all(1 <= len(t.top_logprobs) <= 3 for t in result.choices[0].logprobs.content)
+    assert all(len(t.top_logprobs) == 2 for t in result.choices[0].logprobs.content)
+
+
+def test_chat_logprobs_show_exactly_top_logprobs_and_each_tokens_bytes(server):
+    """Chat shows the top_logprobs likeliest tokens, no more (the sampled one is not added, unlike the legacy
+    completions form), none when only logprobs is asked; each token's bytes are the bytes it stands for."""
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+    messages = [{"role": "user", "content": "hello"}]
+    hot = client.chat.completions.create(model="tiny", messages=messages, max_tokens=30, temperature=2.0, seed=1,
+                                         logprobs=True, top_logprobs=1).choices[0].logprobs.content
+    assert all(len(t.top_logprobs) == 1 for t in hot)
+    assert any(t.top_logprobs[0].token != t.token for t in hot)  # sampled tokens that were not the likeliest
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0,
+                                           logprobs=True).choices[0].logprobs.content
+    assert len(plain) == 5 and all(t.top_logprobs == [] for t in plain)
+    for entry in hot:  # the tiny model's tokens are bytes
+        assert len(entry.bytes) == 1 and (entry.token == chr(entry.bytes[0]) if entry.bytes[0] < 128
+                                          else entry.token == f"bytes:\\x{entry.bytes[0]:02x}")
 
 
 def test_chat_without_a_template_is_a_clear_400(checkpoint, tmp_path):

@@ -24,3 +24,19 @@ def test_sentencepiece_model_in_a_checkpoint_directory(tmp_path):
     assert all(0 <= i < tokenizer.vocab_size for i in ids) and tokenizer.decode(ids) == "the lazy fox"
     assert tokenizer.eos_id == 2
     assert isinstance(load_tokenizer(tmp_path / "elsewhere"), ByteTokenizer)
+
+
+def test_token_text_and_bytes_are_what_each_token_stands_for():
+    """Logprobs show each token's text and bytes as OpenAI's API does: the default model's pieces with their
+    word-boundary mark as a space, byte-fallback pieces as the byte itself (bytes:\\xNN when not ASCII); the
+    tokens' bytes join back into the text."""
+    tokenizer = load_tokenizer("model/default")
+    text = 'def the(x):\n\treturn "é😀"  # ok'
+    ids = tokenizer.encode(text)
+    assert b"".join(tokenizer.token_bytes(i) for i in ids) == text.encode()
+    texts = [tokenizer.token_text(i) for i in ids]
+    assert " the" in texts and "bytes:\\xc3" in texts and not any("\u2581" in t or "<0x" in t for t in texts)
+    assert tokenizer.token_text(tokenizer.eos_id) == "</s>"
+    byte = ByteTokenizer()
+    assert [byte.token_text(i) for i in byte.encode("aé")] == ["a", "bytes:\\xc3", "bytes:\\xa9"]
+    assert b"".join(byte.token_bytes(i) for i in byte.encode("aé")) == "aé".encode()
