@@ -239,16 +239,22 @@ class Generation:
         return JSONResponse(self.shape.body(self, self._answered()))
 
     def _answered(self) -> list[ChoiceState]:
-        """The choices to answer: per prompt, the `keep` with the highest cumulative logprob (best_of)."""
+        """The choices to answer: per prompt, the `keep` best of its n (best_of)."""
         answered = []
         for i in range(len(self.prompts)):
             mine = [c for (uid, _), c in self.choices.items() if uid == self.part(i)]
             if self.keep < self.n:
-                mine = sorted(mine, key=lambda c: c.cumulative_logprob, reverse=True)[: self.keep]
+                mine = best_of(mine, self.keep)
             for rank, choice in enumerate(mine):
                 choice.index = i * self.keep + rank
             answered += mine
         return answered
+
+
+def best_of(choices: list[ChoiceState], keep: int) -> list[ChoiceState]:
+    """The `keep` choices with the highest log probability per token, as OpenAI defines best_of (a sum would
+    favour the shorter ones)."""
+    return sorted(choices, key=lambda c: c.cumulative_logprob / max(1, len(c.token_ids)), reverse=True)[:keep]
 
 
 # ---- the two response shapes -----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from model import ByteTokenizer, SamplingParams, generate, load_model
+from server.generation import ChoiceState, Prompt, best_of
 from server.protocol import ChatCompletionChunk, ChatCompletionResponse, CompletionResponse, EmbeddingResponse
 from tests.server_harness import API_KEY, RunningServer, tiny_checkpoint
 
@@ -218,8 +219,15 @@ def test_seeded_choices_differ_and_repeat_and_best_of_keeps_the_likeliest(server
         best = client.post("/v1/completions", json={**request, "n": 1, "best_of": 3}).json()["choices"]
     assert [c["text"] for c in three] == [c["text"] for c in again]
     assert len({c["text"] for c in three}) > 1
-    likeliest = max(three, key=lambda c: sum(c["logprobs"]["token_logprobs"]))
+    likeliest = max(three, key=lambda c: sum(c["logprobs"]["token_logprobs"]) / len(c["logprobs"]["tokens"]))
     assert len(best) == 1 and best[0]["text"] == likeliest["text"] and best[0]["index"] == 0
+
+
+def test_best_of_ranks_by_log_probability_per_token_not_in_all():
+    """OpenAI's best_of is "the highest log probability per token": a sum would prefer a short choice."""
+    short = ChoiceState(0, Prompt([1], "p"), 0, token_ids=[5, 6], cumulative_logprob=-2.0)  # -1 a token
+    long = ChoiceState(1, Prompt([1], "p"), 0, token_ids=[5] * 8, cumulative_logprob=-4.0)  # -0.5 a token
+    assert best_of([short, long], 1) == [long]
 
 
 # ---- vLLM's sampling parameters ---------------------------------------------------------------------------------
