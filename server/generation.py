@@ -167,6 +167,8 @@ class Generation:
         body = self.shape.chunk(self, choice, text, logprobs, echo)
         if self.continuous_usage:
             body["usage"] = self.usage()
+        elif self.include_usage:  # OpenAI: every chunk but the last (the usage chunk) says "usage": null
+            body["usage"] = None
         return self._event(body)
 
     def _echo(self, choice: ChoiceState) -> str | None:

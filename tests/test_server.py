@@ -90,6 +90,7 @@ def test_streaming_completion_over_httpx_has_openai_chunks_usage_and_done(server
     assert events[-1] == "[DONE]"
     usage = events[-2]
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 10
+    assert all("usage" in e and e["usage"] is None for e in events[:-2])  # OpenAI: null on every other chunk
     final = events[-3]["choices"][0]
     assert final["finish_reason"] == "length"
     tokens = [e["choices"][0]["token_ids"][0] for e in events[:-2]]
