@@ -115,7 +115,8 @@ PRESETS = {
 }
 # The winner of the comparison (bench/results/recipes.json), for 55 minutes of this machine by the clock; and the
 # same recipe over about two and a half hours of it (~7 s a step), run a session at a time with --until and
-# --resume. (The shipped v3 ran its first 500 steps on a 1,500-step schedule, then this one: two sessions fit 1,300.)
+# --resume. (v3 ran 500 steps on a 1,500-step schedule, 200 on this one, and its last 250 with --steps 950 when its
+# second session ran short of time; the schedule is per step, so each change only bent the learning-rate curve.)
 PRESETS["cpu"] = (PRESETS["cpu-sp"][0], dataclasses.replace(PRESETS["cpu-sp"][1], minutes=55.0, steps=1_000_000,
                                                             warmup=20, eval_every=100))
 PRESETS["cpu-long"] = (PRESETS["cpu-sp"][0], dataclasses.replace(PRESETS["cpu-sp"][1], steps=1300, warmup=40,
