@@ -49,8 +49,7 @@ class LogitsAdjuster:
         if params.allowed_token_ids is not None:
             self.allowed[slot] = False
             self.allowed[slot, torch.tensor(params.allowed_token_ids, device=self.device)] = True
-        ends = list(params.stop_token_ids) + ([eos_token_id] if eos_token_id is not None and not params.ignore_eos
-                                              else [])
+        ends = params.end_tokens(eos_token_id)
         if ends:
             self.end_tokens[slot, torch.tensor(ends, device=self.device)] = True
         self.min_tokens[slot] = params.min_tokens

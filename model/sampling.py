@@ -101,11 +101,15 @@ class SamplingParams:
                           ("allowed_token_ids", self.allowed_token_ids or ())):
             if any(t >= vocab_size for t in ids):
                 raise InvalidParameter(name, f"token ids in [0, {vocab_size})", getattr(self, name))
-        ends = {*self.stop_token_ids, *([eos_token_id] if eos_token_id is not None and not self.ignore_eos else [])}
-        if self.min_tokens and self.allowed_token_ids is not None and set(self.allowed_token_ids) <= ends:
+        if self.min_tokens and self.allowed_token_ids is not None and \
+                set(self.allowed_token_ids) <= set(self.end_tokens(eos_token_id)):
             raise InvalidParameter("allowed_token_ids", "a list with a token that is not an end token (end of "
                                    "sequence, stop_token_ids) while min_tokens holds those back",
                                    self.allowed_token_ids)
+
+    def end_tokens(self, eos_token_id: int | None) -> list[int]:
+        """The tokens that end this sequence: its stop tokens, and the model's end of sequence unless ignored."""
+        return [*self.stop_token_ids, *([eos_token_id] if eos_token_id is not None and not self.ignore_eos else [])]
 
     def for_choice(self, index: int) -> SamplingParams:
         """The parameters of choice `index` of n: the same, with its own seed (so n seeded choices differ
