@@ -83,10 +83,5 @@ def encode_files(files: list[SourceFile], tokenizer: Tokenizer) -> np.ndarray:
 
 
 def token_bytes(tokenizer: Tokenizer, ids: list[int]) -> np.ndarray:
-    """How many bytes of text each id stands for (so bits can be reported per byte)."""
-    if isinstance(tokenizer, ByteTokenizer):
-        return np.asarray([0 if tokenizer.is_special(i) else 1 for i in ids], dtype=np.int64)
-    processor = tokenizer.processor
-    lengths = [1 if processor.is_byte(i) else 0 if tokenizer.is_special(i) else
-               len(processor.id_to_piece(i).replace("\u2581", " ").encode("utf-8")) for i in ids]
-    return np.asarray(lengths, dtype=np.int64)
+    """How many bytes of text each id stands for (so bits can be reported per byte); special ids none."""
+    return np.asarray([0 if tokenizer.is_special(i) else len(tokenizer.token_bytes(i)) for i in ids], dtype=np.int64)
