@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from training.evaluate import byte_bits, compressor_bits, lines_before_syntax_error, python_lines
+from training.model_card import schedule_changes
 from model import load_model
 from training import corpus
 from model.attention import LSHSelfAttention
@@ -147,6 +148,18 @@ def test_a_time_budget_drives_the_schedule_and_ends_the_run():
     assert learning_rate(5, settings, seconds=60) == pytest.approx(0.55)  # half way down the cosine
     assert learning_rate(5, settings, seconds=120) == pytest.approx(0.1)
     assert schedule_fraction(5, 120, settings) == 1.0 and schedule_fraction(5, 30, settings) == 0.25
+
+
+def test_the_model_card_finds_where_a_runs_schedule_was_shortened_or_restarted():
+    long, short = TrainSettings(steps=1500, batch=1, lr=2e-3, warmup=40), TrainSettings(steps=950, batch=1, lr=2e-3,
+                                                                                        warmup=40)
+    straight = [{"step": step + 1, "lr": learning_rate(step, long)} for step in range(1500)]
+    assert schedule_changes(straight) == []  # neither the warm-up's climb nor the cosine's fall is a change
+    bent = straight[:500] + [{"step": step + 1, "lr": learning_rate(step, short)} for step in range(500, 900)]
+    restart = TrainSettings(steps=10**9, batch=1, lr=2e-3, warmup=40, minutes=280)  # as v4 continued v3
+    bent += [{"step": step + 1, "lr": learning_rate(step, restart, seconds=60 * (152 + step - 900))}
+             for step in range(900, 1000)]
+    assert [(step, after > before) for step, before, after in schedule_changes(bent)] == [(501, False), (901, True)]
 
 
 def test_short_steps_read_many_short_windows_and_every_nth_step_the_whole_context():

@@ -64,6 +64,30 @@ def _buckets(num_buckets) -> str:
     return str(num_buckets)
 
 
+def schedule_changes(history: list[dict]) -> list[tuple[int, float, float]]:
+    """(step, rate before, rate at that step) wherever the learning rate jumped: a run whose schedule was
+    shortened or restarted part-way. A jump is a change ten times larger than the steps on either side of it,
+    so the warm-up's even climb and the cosine's smooth fall are not jumps."""
+    rates = [record["lr"] for record in history]
+    changes = []
+    for i in range(1, len(rates)):
+        neighbours = [abs(rates[j] - rates[j - 1]) for j in (i - 1, i + 1) if 1 <= j < len(rates)]
+        if abs(rates[i] - rates[i - 1]) > 10 * max(neighbours, default=0.0) + 1e-9:
+            changes.append((history[i]["step"], rates[i - 1], rates[i]))
+    return changes
+
+
+def _schedule(history: list[dict]) -> str:
+    rates = [record["lr"] for record in history]
+    if not rates:
+        return "linear warm-up then cosine decay"
+    told = [f"{'restarted' if after > before else 'shortened'} at step {step:,} ({before:.1e} to {after:.1e})"
+            for step, before, after in schedule_changes(history)]
+    changed = f"; the schedule was changed part-way: {', '.join(told)}" if told else ""
+    return (f"linear warm-up to {max(rates):.1e} then cosine decay, ending at {rates[-1]:.1e}{changed} (every "
+            "step's rate is in `training.json`)")
+
+
 def _python_lines(result: dict) -> str:
     judged = result.get("python_lines")
     if not judged:
@@ -110,7 +134,7 @@ A {_kind(result)} Reformer language model trained from scratch on the Python sta
 ## Training
 `python -m training.train --preset {training.get('preset', 'cpu')}`: reversible backprop (block inputs recomputed in
 the backward pass with the forward's LSH buckets), chunked feed-forward, AdamW (β 0.9/0.95, weight decay 0.1 on
-matrices), linear warm-up then cosine decay, gradient clipping at 1. {training['step']:,} steps,
+matrices), {_schedule(history)}, gradient clipping at 1. {training['step']:,} steps,
 {training['tokens']:,} tokens ({training['tokens'] * result.get('bytes_per_token', 1) / result['model_train_bytes']:.2f} passes over the train split),
 {training['seconds'] / 60:.0f} minutes on {training['device']} ({training.get('threads', '?')} threads).
 Final validation: {validations[-1]['validation_bpb'] if validations else float('nan'):.3f} bits per byte.
