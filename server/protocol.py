@@ -63,8 +63,22 @@ class APIError(Exception):
         return cls(failed.status, failed.message, code=failed.code.value)
 
 
+def _optional_fields_are_nullable(schema: dict[str, Any]) -> None:
+    """The schema says what `_Strict._null_is_the_default` accepts: null in every optional field."""
+    required = set(schema.get("required", ()))
+    for name, field in schema.get("properties", {}).items():
+        if name in required:
+            continue
+        choices = field.setdefault("anyOf", [])
+        if not choices:  # a single type: move it into the choices, keep title, default and description outside
+            choices.append({key: field.pop(key) for key in list(field) if key not in ("anyOf", "title", "default",
+                                                                                       "description")})
+        if {"type": "null"} not in choices:
+            choices.append({"type": "null"})
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_optional_fields_are_nullable)
 
     @model_validator(mode="before")
     @classmethod

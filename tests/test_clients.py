@@ -335,6 +335,10 @@ def test_openapi_documents_every_post_body_and_docs_need_no_internet(server):
         assert schema["components"]["schemas"][request]["properties"]
         assert schema["components"]["schemas"][response]["properties"]
     assert "temperature" in schema["components"]["schemas"]["CompletionRequest"]["properties"]
+    for name in ("CompletionRequest", "ChatCompletionRequest", "EmbeddingRequest", "StreamOptions"):
+        request = schema["components"]["schemas"][name]  # null asks for the default, as in OpenAI's schema
+        optional = set(request["properties"]) - set(request.get("required", ()))
+        assert optional and all({"type": "null"} in request["properties"][field]["anyOf"] for field in optional)
     assert httpx.get(f"{server.url}/docs", headers=server.headers, timeout=10).status_code == 404  # CDN scripts
 
 
