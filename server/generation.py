@@ -9,6 +9,7 @@ on request (`stream_options.include_progress`) or after KEEPALIVE_SECONDS of sil
 
 from __future__ import annotations
 
+import codecs
 import json
 import time
 from dataclasses import dataclass, field
@@ -40,11 +41,27 @@ class TokenLogprob:
     offset: int
 
 
+class TextOffsets:
+    """Each token's `text_offset`: where in the text the character holding its first byte begins. The count is
+    of characters decoded so far, so the byte tokens of one character (`bytes:\\xc3`, `bytes:\\xa9`) share its
+    place, and special tokens, which add no text, add nothing."""
+
+    def __init__(self, tokenizer, start: int = 0):
+        self.tokenizer, self.next = tokenizer, start
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def advance(self, token: int) -> int:
+        offset = self.next
+        if not self.tokenizer.is_special(token):
+            self.next += len(self.decoder.decode(self.tokenizer.token_bytes(token)))
+        return offset
+
+
 @dataclass
 class ChoiceState:
     index: int  # in the response
     prompt: Prompt
-    offset: int  # text_offset of the next token
+    offsets: TextOffsets  # of its tokens in the text it answers (after the prompt when echoed)
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -70,8 +87,8 @@ class Generation:
         self.choices: dict[tuple[str, int], ChoiceState] = {}
         for i, prompt in enumerate(prompts):
             for j in range(n):
-                start = len(prompt.text) if echo else 0
-                self.choices[(self.part(i), j)] = ChoiceState(i * keep + j, prompt, start)
+                offsets = TextOffsets(spec.tokenizer, start=len(prompt.text) if echo else 0)
+                self.choices[(self.part(i), j)] = ChoiceState(i * keep + j, prompt, offsets)
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.outcome: Finished | Failed | None = None
@@ -87,10 +104,9 @@ class Generation:
     def _on_prompt(self, output: PromptLogprobs) -> None:
         """The prompt's logprob entries, made once and shared by its n choices (they only read them)."""
         prompt = self.prompts[self.parts.index(output.uid)]
-        entries, offset = [], 0
-        for token, logprob, top in zip(prompt.ids, output.token_logprobs, output.top_logprobs):
-            entries.append(self._entry(token, logprob, top, offset))
-            offset += len(entries[-1].text)
+        offsets = TextOffsets(self.spec.tokenizer)
+        entries = [self._entry(token, logprob, top, offsets.advance(token))
+                   for token, logprob, top in zip(prompt.ids, output.token_logprobs, output.top_logprobs)]
         for (uid, _), choice in self.choices.items():
             if uid == output.uid:
                 choice.prompt_logprobs = entries
@@ -116,8 +132,8 @@ class Generation:
         choice.token_ids.append(output.token)
         choice.cumulative_logprob += output.logprob
         if self.want_logprobs:
-            choice.logprobs.append(self._entry(output.token, output.logprob, output.top_logprobs, choice.offset))
-            choice.offset += len(choice.logprobs[-1].text)
+            offset = choice.offsets.advance(output.token)
+            choice.logprobs.append(self._entry(output.token, output.logprob, output.top_logprobs, offset))
         if output.finish is not None:
             choice.finish_reason = output.finish.value
         return choice

@@ -289,20 +289,32 @@ def test_min_tokens_allowed_tokens_and_stop_strings_in_output(server):
 def test_logprobs_offsets_count_with_stop_and_echo(server):
     with server.client() as client:
         plain = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 8, "temperature": 0,
-                                                     "logprobs": 1}).json()["choices"][0]["logprobs"]
+                                                     "logprobs": 1}).json()["choices"][0]
         stopped = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 8, "temperature": 0,
                                                        "logprobs": 1, "stop": "\x7f never"}).json()
         echoed = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 8, "temperature": 0,
                                                       "logprobs": 1, "echo": True}).json()["choices"][0]["logprobs"]
-    lengths = [len(t) for t in plain["tokens"]]
-    expected = [sum(lengths[:i]) for i in range(8)]
-    assert plain["text_offset"] == expected
+    expected = plain["logprobs"]["text_offset"]
+    assert len(expected) == 8 and expected[0] == 0 and expected == sorted(expected)
+    for token, offset in zip(plain["logprobs"]["tokens"], expected):  # a whole-character token is found there
+        assert offset <= len(plain["text"]) and (token.startswith("bytes:") or plain["text"][offset] == token)
     assert stopped["choices"][0]["logprobs"]["text_offset"] == expected
     assert echoed["text_offset"] == [0, 1, 2] + [3 + o for o in expected]
     with server.client() as client:
         two = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 8, "temperature": 0,
                                                    "logprobs": 1, "echo": True, "n": 2}).json()["choices"]
     assert [c["logprobs"] for c in two] == [echoed, echoed]  # each choice carries the prompt's entries
+
+
+def test_text_offsets_count_characters_so_byte_tokens_of_one_character_share_its_place(server):
+    prompt = "aé€b"  # a, two bytes, three bytes, b: seven byte tokens
+    with server.client() as client:
+        echoed = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 0, "echo": True,
+                                                      "logprobs": 0}).json()["choices"][0]
+    assert echoed["text"] == prompt
+    assert echoed["logprobs"]["tokens"][1:3] == ["bytes:\\xc3", "bytes:\\xa9"]
+    assert echoed["logprobs"]["text_offset"] == [0, 1, 1, 2, 2, 2, 3]
+    assert [prompt[offset] for offset in echoed["logprobs"]["text_offset"]] == list("aéé€€€b")
 
 
 def test_top_logprobs_hold_the_sampled_token_and_zero_means_it_alone(server):
