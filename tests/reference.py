@@ -103,7 +103,7 @@ def normalize_reference_round_offsets(config: ReformerConfig, prompt_length: int
     """
     if config.padded_length(prompt_length) == prompt_length:
         return  # no padding bucket: offsets are already `buckets` per round
-    rounds, buckets = config.num_hashes, config.total_buckets
+    rounds = config.num_hashes
     shift = torch.arange(rounds).view(1, 1, rounds, 1)
     for layer, kind in enumerate(config.attn_layers):
         cached = cache.buckets_cache[layer]
