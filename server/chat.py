@@ -61,11 +61,13 @@ class ChatRoute(GenerationRoute):
         spec = self.spec
         if body.tools and body.tool_choice != "none":
             raise protocol.unsupported("tools", "this model does not call tools")
+        if not body.tools and body.tool_choice not in (None, "none", "auto"):  # "auto" without tools is text
+            raise APIError(400, "'tool_choice' asks for a tool call, but 'tools' names no tool.",
+                           param="tool_choice", code="invalid_value")
         if body.response_format and body.response_format.get("type") not in (None, "text"):
             raise protocol.unsupported("response_format", "only text is produced")
-        if body.max_tokens is not None and body.max_completion_tokens is not None:
-            raise APIError(400, "Send 'max_completion_tokens' or 'max_tokens', not both.",
-                           param="max_completion_tokens", code="invalid_value")
+        for index, message in enumerate(body.messages):
+            message.check(index)
         text = self._render(body)
         ids = spec.tokenizer.encode(text)
         if body.truncate_prompt_tokens is not None:
@@ -84,8 +86,7 @@ class ChatRoute(GenerationRoute):
             continuous_usage=bool(options and options.continuous_usage_stats),
             include_progress=bool(options and options.include_progress), return_token_ids=body.return_token_ids,
             arrival=arrival)
-        messages = engine_requests(spec, body, generation, max_tokens=body.max_completion_tokens or body.max_tokens,
-                                   logprobs=logprobs, prompt_logprobs=False, timeout=timeout)
+        messages = engine_requests(spec, body, generation, logprobs=logprobs, prompt_logprobs=False, timeout=timeout)
         return generation, messages
 
     def _render(self, body: ChatCompletionRequest) -> str:

@@ -7,6 +7,7 @@ closes: at the end of `collect`, or when the streaming response ends however it 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -15,6 +16,7 @@ from contextlib import ExitStack
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
+from model.blocks import blocks_for
 from model.messages import GenerateRequest
 
 from . import protocol
@@ -41,13 +43,15 @@ class OwnedStream(StreamingResponse):
             self._release.close()
 
 
-def engine_requests(spec, body: SamplingFields, generation: Generation, *, max_tokens: int | None,
-                    logprobs: int | None, prompt_logprobs: bool, timeout: float) -> list[GenerateRequest]:
-    """One engine request per prompt, checked against the context; n choices each."""
+def engine_requests(spec, body: SamplingFields, generation: Generation, *, logprobs: int | None,
+                    prompt_logprobs: bool, timeout: float) -> list[GenerateRequest]:
+    """One engine request per prompt, checked against the context and the decode cache; n choices each."""
     maximum = spec.info.max_context
-    if generation.n > spec.settings.max_running:
+    max_tokens = body.completion_limit()
+    cache = spec.info.cache
+    if generation.n > cache["slots"]:
         raise APIError(400, f"{generation.n} choices need as many decode slots; this server has "
-                            f"{spec.settings.max_running} (--max-running).", param="n", code="invalid_value")
+                            f"{cache['slots']} (--max-running, --kv-cache-bytes).", param="n", code="invalid_value")
     stop = tuple(body.stop_strings())
     requests = []
     for i, prompt in enumerate(generation.prompts):
@@ -56,6 +60,7 @@ def engine_requests(spec, body: SamplingFields, generation: Generation, *, max_t
         tokens = maximum - len(prompt.ids) if max_tokens is None else max_tokens
         if len(prompt.ids) + tokens > maximum:
             raise protocol.context_error(maximum, len(prompt.ids), tokens, param="max_tokens")
+        _check_cache_blocks(cache, generation.n, len(prompt.ids) + tokens)
         params = body.sampling_params(tokens, logprobs, spec.info.vocab_size, spec.info.sampling_defaults,
                                       spec.info.eos_token_id)
         requests.append(GenerateRequest(
@@ -64,6 +69,17 @@ def engine_requests(spec, body: SamplingFields, generation: Generation, *, max_t
             n=generation.n, include_stop_str_in_output=body.include_stop_str_in_output,
             skip_special_tokens=body.skip_special_tokens))
     return requests
+
+
+def _check_cache_blocks(cache: dict, sequences: int, tokens: int) -> None:
+    """Refused here, before a stream starts, what the engine would refuse because even its empty cache could
+    not lend the blocks: n sequences of prompt + max_tokens each."""
+    per_sequence = blocks_for(tokens, cache["block_size"]) if cache["block_bytes"] else 0
+    if sequences * per_sequence > cache["blocks"]:
+        raise APIError(400, f"{sequences} sequence(s) of {tokens} tokens (prompt and max_tokens) need "
+                            f"{sequences * per_sequence} cache blocks of {cache['block_size']} tokens; this server "
+                            f"has {cache['blocks']}: lower max_tokens or n.", param="max_tokens",
+                       code="context_length_exceeded")
 
 
 async def serve(spec, request: Request, generation: Generation, messages: list[GenerateRequest],
@@ -100,7 +116,9 @@ class GenerationRoute:
         try:
             body, timeout = await spec.accept(request, self.schema)
             body.check_stream_options()
-            generation, messages = self._generation(body, timeout, arrival)
+            # Off the event loop: a long prompt takes seconds to encode, and every stream of this process
+            # would wait for it.
+            generation, messages = await asyncio.to_thread(self._generation, body, timeout, arrival)
         except APIError as error:
             return spec.refuse(error)
         return await serve(spec, request, generation, messages, body.stream)
@@ -123,7 +141,7 @@ class CompletionsRoute(GenerationRoute):
         if body.stream and best_of > body.n:
             raise APIError(400, "'best_of' larger than 'n' cannot stream (the best are known only at the end).",
                            param="best_of", code="invalid_value")
-        if body.max_tokens == 0 and not body.echo:
+        if body.completion_limit() == 0 and not body.echo:
             raise APIError(400, "'max_tokens' 0 is only useful with 'echo' (scoring a text).", param="max_tokens",
                            code="invalid_value")
         if body.user:
@@ -136,7 +154,7 @@ class CompletionsRoute(GenerationRoute):
             continuous_usage=bool(options and options.continuous_usage_stats),
             include_progress=bool(options and options.include_progress), return_token_ids=body.return_token_ids,
             arrival=arrival)
-        messages = engine_requests(spec, body, generation, max_tokens=body.max_tokens, logprobs=body.logprobs,
+        messages = engine_requests(spec, body, generation, logprobs=body.logprobs,
                                    prompt_logprobs=body.echo and body.logprobs is not None, timeout=timeout)
         return generation, messages
 

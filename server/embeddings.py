@@ -3,6 +3,7 @@ engine in packed batches, pooled back into one vector per input."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 import uuid
@@ -28,7 +29,7 @@ class EmbeddingsRoute:
         arrival = time.monotonic()
         try:
             body, timeout = await spec.accept(request, EmbeddingRequest)
-            documents, spans = self._documents(body)
+            documents, spans = await asyncio.to_thread(self._documents, body)  # encoding: off the event loop
             tokens = sum(map(len, documents))
             message = EmbedRequest(uid=f"embd-{uuid.uuid4().hex}", documents=tuple(map(tuple, documents)),
                                    pooling=body.pooling, timeout=timeout, route=spec.engine.route)

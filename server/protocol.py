@@ -111,7 +111,7 @@ class SamplingFields(_Strict):
     top_p: Annotated[Number, Field(gt=0, le=1)] = 1.0
     top_k: Annotated[StrictInt, Field(ge=-1)] = 0  # vLLM: 0 or -1 disables
     min_p: Annotated[Number, Field(ge=0, le=1)] = 0.0  # vLLM
-    seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None = None
+    seed: Annotated[StrictInt, Field(ge=-MAX_SEED - 1, le=MAX_SEED)] | None = None  # OpenAI's: any int64
     n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] = 1
     stop: Annotated[StrictStr, Field(max_length=MAX_STOP_LENGTH)] | Annotated[
         list[Annotated[StrictStr, Field(max_length=MAX_STOP_LENGTH)]], Field(max_length=MAX_STOP_STRINGS)] | None = None
@@ -137,6 +137,16 @@ class SamplingFields(_Strict):
             raise APIError(400, "'stream_options' is only allowed when 'stream' is true.", param="stream_options",
                            code="invalid_value")
 
+    def completion_limit(self) -> int | None:
+        """max_tokens, or max_completion_tokens, its newer name. Benchmark clients (guidellm) send both with the
+        same value; two different limits are a question this server will not guess the answer to."""
+        given = {getattr(self, name) for name in ("max_tokens", "max_completion_tokens")
+                 if name in self.model_fields_set and getattr(self, name) is not None}
+        if len(given) > 1:
+            raise APIError(400, "'max_tokens' and 'max_completion_tokens' differ: send one of them, or the same "
+                                "value in both.", param="max_completion_tokens", code="invalid_value")
+        return given.pop() if given else self.max_tokens
+
     def stop_strings(self) -> list[str]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not s for s in stop):  # their count and length are bounded by the field
@@ -160,7 +170,7 @@ class SamplingFields(_Strict):
         try:
             params = SamplingParams(
                 max_tokens=max_tokens, temperature=self.temperature, top_k=max(0, self.top_k), top_p=self.top_p,
-                seed=self.seed, stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
+                seed=None if self.seed is None else self.seed % (MAX_SEED + 1), stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
                 logprobs=logprobs, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                 repetition_penalty=self.repetition_penalty, logit_bias=bias, min_p=self.min_p,
                 min_tokens=min(self.min_tokens, max_tokens),
@@ -175,15 +185,21 @@ class CompletionRequest(SamplingFields):
     prompt: StrictStr | list[StrictInt] | Annotated[list[StrictStr], Field(max_length=MAX_PROMPTS)] | Annotated[
         list[list[StrictInt]], Field(max_length=MAX_PROMPTS)]
     max_tokens: Annotated[StrictInt, Field(ge=0)] | None = 16
+    max_completion_tokens: Annotated[StrictInt, Field(ge=0)] | None = None  # the chat name, which some clients send
     best_of: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] | None = None
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: StrictBool = False
     suffix: StrictStr | None = None
 
 
-class ContentPart(_Strict):
-    type: Literal["text"]
-    text: StrictStr
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+class ContentPart(BaseModel):
+    """Any part parses, so that a part this model cannot read (an image) is refused by name, not as a type
+    mismatch; keys beside type and text (cache_control) are ignored."""
+    type: StrictStr
+    text: StrictStr | None = None
 
 
 class ChatMessage(BaseModel):
@@ -191,6 +207,19 @@ class ChatMessage(BaseModel):
 
     role: StrictStr
     content: StrictStr | list[ContentPart] | None = None
+
+    def check(self, index: int) -> None:
+        """A role OpenAI knows, and content of text only."""
+        if self.role not in CHAT_ROLES:
+            raise APIError(400, f"messages[{index}].role is '{self.role}'; it must be one of "
+                                f"{', '.join(CHAT_ROLES)}.", param=f"messages[{index}].role", code="invalid_value")
+        for number, part in enumerate(self.content if isinstance(self.content, list) else []):
+            where = f"messages[{index}].content[{number}]"
+            if part.type != "text":
+                raise unsupported(where, f"content parts of type '{part.type}': this model reads text only")
+            if part.text is None:
+                raise APIError(400, f"{where} is a text part without 'text'.", param=where,
+                               code="missing_required_parameter")
 
     def text(self) -> str:
         if isinstance(self.content, list):

@@ -39,7 +39,7 @@ class ServerSettings:
     header_timeout: float = 10.0  # seconds to receive a request's headers
     max_connections: int = 2048  # open connections per HTTP process; one more is closed at once
     cors_allow_origin: list[str] | None = None  # origins a browser may call from; none: no CORS headers
-    max_embedding_inputs: int = 256
+    max_embedding_inputs: int = 2048  # OpenAI's limit; LangChain sends up to 1000 texts a request
     drain_timeout: float = 30.0  # seconds SIGTERM waits for in-flight requests
     tail_capacity: int = 64
     api_servers: int = 1
@@ -134,6 +134,8 @@ def parse_args(argv: list[str] | None = None) -> ServerSettings:
     parser.add_argument("--max-queued-requests", type=int, default=defaults.max_queued_requests)
     parser.add_argument("--max-queued-tokens", type=int, default=defaults.max_queued_tokens)
     parser.add_argument("--prefill-batch-tokens", type=int, default=defaults.prefill_batch_tokens)
+    parser.add_argument("--max-embedding-inputs", type=int, default=defaults.max_embedding_inputs,
+                        help="inputs in one embeddings request")
     parser.add_argument("--request-timeout", type=float, default=defaults.request_timeout)
     parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
     parser.add_argument("--body-timeout", type=float, default=defaults.body_timeout,
@@ -154,7 +156,8 @@ def parse_args(argv: list[str] | None = None) -> ServerSettings:
     settings = ServerSettings(**{k: v for k, v in vars(args).items() if v is not None})
     settings.api_key = settings.api_key or None
     for name in ("max_running", "max_queued_requests", "max_queued_tokens", "prefill_batch_tokens", "port",
-                 "api_servers", "max_model_len", "kv_cache_bytes", "max_header_bytes", "max_connections"):
+                 "api_servers", "max_model_len", "kv_cache_bytes", "max_header_bytes", "max_connections",
+                 "max_embedding_inputs"):
         if getattr(settings, name) is not None and getattr(settings, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return settings

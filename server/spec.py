@@ -59,7 +59,8 @@ class OpenAISpec(LitSpec):
             ("/v1/completions", CompletionsRoute(self).handle, ["POST"]),
             ("/v1/chat/completions", ChatRoute(self).handle, ["POST"]),
             ("/v1/embeddings", EmbeddingsRoute(self).handle, ["POST"]),
-            ("/v1/models", self.models, ["GET"]), ("/tokenize", self.tokenize, ["POST"]),
+            ("/v1/models", self.models, ["GET"]), ("/v1/models/{model_id:path}", self.model, ["GET"]),
+            ("/tokenize", self.tokenize, ["POST"]),
             ("/detokenize", self.detokenize, ["POST"]), ("/health", self.health, ["GET"]),
             ("/ready", self.ready, ["GET"]), ("/metrics", self.metrics_route, ["GET"]),
             ("/info", self.info_route, ["GET"])]:
@@ -233,17 +234,27 @@ class OpenAISpec(LitSpec):
         body, content_type = exposition()
         return Response(body, media_type=content_type)
 
+    def _model_object(self) -> dict:
+        return {"id": self.info.name, "object": "model", "created": self.info.created, "owned_by": "reformer-server",
+                "max_model_len": self.info.max_context}
+
     async def models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [{
-            "id": self.info.name, "object": "model", "created": self.info.created, "owned_by": "reformer-server",
-            "max_model_len": self.info.max_context}]})
+        return JSONResponse({"object": "list", "data": [self._model_object()]})
+
+    async def model(self, request: Request) -> Response:
+        """GET /v1/models/{id} (the openai client's models.retrieve); a served name may hold slashes."""
+        try:
+            self.check_model(request.path_params["model_id"])
+        except APIError as error:
+            return error.response()
+        return JSONResponse(self._model_object())
 
     async def tokenize(self, request: Request) -> Response:
         try:
             body = await self.parse_body(request, TokenizeRequest)
         except APIError as error:
             return self.refuse(error)
-        tokens = self.tokenizer.encode(body.prompt)
+        tokens = await asyncio.to_thread(self.tokenizer.encode, body.prompt)  # long texts: off the event loop
         return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": self.info.max_context})
 
     async def detokenize(self, request: Request) -> Response:
@@ -252,4 +263,4 @@ class OpenAISpec(LitSpec):
             self.check_token_ids(body.tokens, "tokens")
         except APIError as error:
             return self.refuse(error)
-        return JSONResponse({"prompt": self.tokenizer.decode(body.tokens)})
+        return JSONResponse({"prompt": await asyncio.to_thread(self.tokenizer.decode, body.tokens)})

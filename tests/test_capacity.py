@@ -12,7 +12,7 @@ from model.config import ReformerConfig
 from model.decode import Decoder
 from server.capacity import GIB, CacheTooSmall, plan_cache
 from server.settings import ServerSettings
-from tests.server_harness import tiny_checkpoint
+from tests.server_harness import RunningServer, tiny_checkpoint
 
 ENWIK8 = ReformerConfig(**ENWIK8_SHAPE)
 
@@ -77,3 +77,24 @@ def test_start_up_fails_in_one_line_when_no_request_fits():
     assert result.returncode == 2 and "Traceback" not in output
     lines = [line for line in output.splitlines() if "decode cache" in line]
     assert len(lines) == 1 and "--max-model-len" in lines[0] and "--kv-cache-bytes" in lines[0]
+
+
+def test_choices_the_cache_could_never_hold_are_a_400_before_any_stream(tmp_path):
+    """16 slots but 24 blocks (the plan above): 16 choices of 512 tokens need 32 blocks. The engine would
+    refuse them, but only after a stream had answered 200; the API server knows the plan and says so first."""
+    server = RunningServer(tiny_checkpoint(tmp_path / "tiny"), "--max-running", "16", "--kv-cache-bytes",
+                           str(4 << 20), "--device", "cpu")
+    try:
+        with server.client() as client:
+            payload = {"prompt": "abc", "n": 16, "max_tokens": 509, "stream": True}
+            with client.stream("POST", "/v1/completions", json=payload) as refused:
+                refused.read()
+            fits = client.post("/v1/completions", json={**payload, "max_tokens": 20, "stream": False})
+            too_many = client.post("/v1/completions", json={"prompt": "abc", "n": 17, "max_tokens": 1})
+    finally:
+        server.stop()
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "context_length_exceeded" and "32 cache blocks" in error["message"]
+    assert fits.status_code == 200 and len(fits.json()["choices"]) == 16  # 16 x 1 block
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] in ("n", "best_of")

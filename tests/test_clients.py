@@ -150,6 +150,56 @@ def test_chat_without_a_template_is_a_clear_400(checkpoint, tmp_path):
     assert response.json()["error"]["code"] == "chat_template_missing"
 
 
+def test_benchmark_clients_may_send_both_names_of_the_completion_limit(server):
+    """guidellm sends max_tokens and max_completion_tokens together, to both routes."""
+    limits = {"max_tokens": 4, "max_completion_tokens": 4, "ignore_eos": True, "temperature": 0}
+    with server.client() as client:
+        text = client.post("/v1/completions", json={"prompt": "abc", **limits})
+        chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], **limits})
+        newer = client.post("/v1/completions", json={"prompt": "abc", "max_completion_tokens": 3, "temperature": 0})
+        differ = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                           "max_tokens": 4, "max_completion_tokens": 5})
+    assert text.status_code == 200 and text.json()["usage"]["completion_tokens"] == 4
+    assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] == 4
+    assert newer.status_code == 200 and newer.json()["usage"]["completion_tokens"] == 3
+    assert differ.status_code == 400 and differ.json()["error"]["param"] == "max_completion_tokens"
+
+
+def test_chat_refuses_by_name_what_it_cannot_read_or_do(server):
+    """Image parts, unknown roles and a demanded tool call are 400s that say which; a text part's extra keys
+    (cache_control) and tool_choice "auto" without tools change nothing."""
+    def chat(messages, **extra):
+        with server.client() as client:
+            return client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 4,
+                                                             "temperature": 0, **extra})
+
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    looked = chat([{"role": "user", "content": [{"type": "text", "text": "what is this?"}, image]}])
+    assert looked.status_code == 400 and looked.json()["error"]["param"] == "messages[0].content[1]"
+    assert "image_url" in looked.json()["error"]["message"]
+    assert looked.json()["error"]["code"] == "unsupported_parameter"
+    bogus = chat([{"role": "user", "content": "hi"}, {"role": "bogus", "content": "hi"}])
+    assert bogus.status_code == 400 and bogus.json()["error"]["param"] == "messages[1].role"
+    required = chat([{"role": "user", "content": "hi"}], tool_choice="required")
+    assert required.status_code == 400 and required.json()["error"]["param"] == "tool_choice"
+    plain = chat([{"role": "developer", "content": "hi"}])
+    cached = chat([{"role": "developer", "content": [{"type": "text", "text": "hi",
+                                                     "cache_control": {"type": "ephemeral"}}]}], tool_choice="auto")
+    assert plain.status_code == cached.status_code == 200
+    assert cached.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
+
+
+def test_any_int64_seed_is_a_seed_and_models_retrieve_names_the_model(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+    texts = [client.completions.create(model="tiny", prompt="abc", max_tokens=8, temperature=1.0, seed=seed)
+             .choices[0].text for seed in (-1, -1, 2**63 - 1)]
+    assert texts[0] == texts[1] == texts[2]  # seeds are taken modulo 2**63, as one seed per value
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("gpt-4o")
+    assert missing.value.code == "model_not_found"
+
+
 # ---- LangChain and litellm ----------------------------------------------------------------------------------
 def test_langchain_openai_llm_and_embeddings(server):
     from langchain_openai import OpenAI, OpenAIEmbeddings
@@ -162,6 +212,8 @@ def test_langchain_openai_llm_and_embeddings(server):
     embeddings = OpenAIEmbeddings(base_url=f"{server.url}/v1", api_key=API_KEY, model="tiny",
                                   check_embedding_ctx_length=False, max_retries=0)  # base64 on the wire
     vectors = embeddings.embed_documents(["a document", "another"])
+    many = embeddings.embed_documents([f"document {i}" for i in range(1000)])  # LangChain's batch: 1,000 texts
+    assert len(many) == 1000 and np.allclose(many[0], embeddings.embed_query("document 0"), atol=1e-5)
     with server.client() as client:
         plain = client.post("/v1/embeddings", json={"input": ["a document", "another"]}).json()
     EmbeddingResponse.model_validate(plain)
