@@ -153,7 +153,7 @@ class CompletionsRoute(GenerationRoute):
             include_usage=bool(options and options.include_usage),
             continuous_usage=bool(options and options.continuous_usage_stats),
             include_progress=bool(options and options.include_progress), return_token_ids=body.return_token_ids,
-            arrival=arrival)
+            skip_special_tokens=body.skip_special_tokens, arrival=arrival)
         messages = engine_requests(spec, body, generation, logprobs=body.logprobs,
                                    prompt_logprobs=body.echo and body.logprobs is not None, timeout=timeout)
         return generation, messages

@@ -44,17 +44,25 @@ class TokenLogprob:
 class TextOffsets:
     """Each token's `text_offset`: where in the text the character holding its first byte begins. The count is
     of characters decoded so far, so the byte tokens of one character (`bytes:\\xc3`, `bytes:\\xa9`) share its
-    place, and special tokens, which add no text, add nothing."""
+    place. A special token adds no text, or, when the text keeps special tokens, its name after what came
+    before (an unfinished character then ends as a replacement character), as `model.detokenize` writes it."""
 
-    def __init__(self, tokenizer, start: int = 0):
-        self.tokenizer, self.next = tokenizer, start
+    def __init__(self, tokenizer, start: int = 0, skip_special: bool = True):
+        self.tokenizer, self.next, self.skip_special = tokenizer, start, skip_special
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def advance(self, token: int) -> int:
-        offset = self.next
         if not self.tokenizer.is_special(token):
+            offset = self.next
             self.next += len(self.decoder.decode(self.tokenizer.token_bytes(token)))
-        return offset
+            return offset
+        if not self.skip_special:
+            self.next += len(self.decoder.decode(b"", final=True))
+            self.decoder.reset()
+            offset = self.next
+            self.next += len(self.tokenizer.token_text(token))
+            return offset
+        return self.next
 
 
 @dataclass
@@ -75,7 +83,8 @@ class ChoiceState:
 class Generation:
     def __init__(self, spec, uid: str, prompts: list[Prompt], *, n: int, keep: int, shape, echo: bool,
                  logprobs: bool, include_usage: bool = False, continuous_usage: bool = False,
-                 include_progress: bool = False, return_token_ids: bool = False, arrival: float):
+                 include_progress: bool = False, return_token_ids: bool = False, skip_special_tokens: bool = True,
+                 arrival: float):
         """`n` choices per prompt are generated, the `keep` with the highest cumulative logprob are answered
         (best_of); `uid` names the response, and its engine requests are `part(i)`."""
         self.spec, self.uid, self.prompts, self.shape = spec, uid, prompts, shape
@@ -87,7 +96,8 @@ class Generation:
         self.choices: dict[tuple[str, int], ChoiceState] = {}
         for i, prompt in enumerate(prompts):
             for j in range(n):
-                offsets = TextOffsets(spec.tokenizer, start=len(prompt.text) if echo else 0)
+                offsets = TextOffsets(spec.tokenizer, start=len(prompt.text) if echo else 0,
+                                      skip_special=skip_special_tokens)
                 self.choices[(self.part(i), j)] = ChoiceState(i * keep + j, prompt, offsets)
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None

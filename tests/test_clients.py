@@ -367,6 +367,11 @@ def test_text_offsets_count_characters_so_byte_tokens_of_one_character_share_its
     assert echoed["logprobs"]["tokens"][1:3] == ["bytes:\\xc3", "bytes:\\xa9"]
     assert echoed["logprobs"]["text_offset"] == [0, 1, 1, 2, 2, 2, 3]
     assert [prompt[offset] for offset in echoed["logprobs"]["text_offset"]] == list("aéé€€€b")
+    with server.client() as client:  # token 2 is the end of sequence, shown as </s> when specials are kept
+        kept = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 3, "temperature": 0,
+                                                    "logit_bias": {"2": 100}, "skip_special_tokens": False,
+                                                    "logprobs": 0}).json()["choices"][0]
+    assert kept["text"] == "</s>" * 3 and kept["logprobs"]["text_offset"] == [0, 4, 8]
 
 
 def test_top_logprobs_hold_the_sampled_token_and_zero_means_it_alone(server):
