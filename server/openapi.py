@@ -12,8 +12,8 @@ from .protocol import POST_BODIES, ErrorResponse
 REF = "#/components/schemas/{model}"
 ERRORS = {"400": "Invalid request", "401": "Missing or wrong API key", "404": "Unknown model",
           "408": "Body not received within --body-timeout", "413": "Body too large",
-          "415": "Body not application/json", "429": "Queue full (Retry-After)", "503": "Loading, restarting or shutting down",
-          "504": "Deadline passed"}
+          "415": "Body not application/json", "429": "Queue full (Retry-After)",
+          "503": "Loading, restarting or shutting down", "504": "Deadline passed"}
 
 
 def document(app: FastAPI, title: str, version: str) -> None:

@@ -167,10 +167,11 @@ class SamplingFields(_Strict):
         except ValueError:
             raise APIError(400, "'logit_bias' keys must be token ids.", param="logit_bias",
                            code="invalid_value") from None
+        seed = None if self.seed is None else self.seed % (MAX_SEED + 1)  # OpenAI's seeds may be negative
         try:
             params = SamplingParams(
                 max_tokens=max_tokens, temperature=self.temperature, top_k=max(0, self.top_k), top_p=self.top_p,
-                seed=None if self.seed is None else self.seed % (MAX_SEED + 1), stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
+                seed=seed, stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
                 logprobs=logprobs, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                 repetition_penalty=self.repetition_penalty, logit_bias=bias, min_p=self.min_p,
                 min_tokens=min(self.min_tokens, max_tokens),
