@@ -295,7 +295,7 @@ def train(make_config, settings: TrainSettings, out: Path, *, device: torch.devi
 
     started = time.perf_counter() - progress["seconds"]
     bar = tqdm(range(progress["step"], settings.steps), initial=progress["step"], unit="step", dynamic_ncols=True,
-               total=None if settings.minutes else settings.steps)
+               total=float("inf") if settings.minutes else settings.steps)  # inf: tqdm shows no end (time ends it)
     window_tokens, window_start = 0, time.perf_counter()
     for step in bar:
         seconds = time.perf_counter() - started
