@@ -22,6 +22,17 @@ def blocks_for(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
 
 
+def never_lendable(sequences: int, tokens: int, num_blocks: int, block_size: int) -> str | None:
+    """Why even an empty pool of `num_blocks` could not lend `sequences` sequences of `tokens` positions each
+    (a request to refuse, not to queue), or None when it could. A pool of no blocks (a model without LSH
+    layers) needs none. One sentence, shared by the engine and the API server, which refuses before a stream."""
+    needed = sequences * blocks_for(tokens, block_size) if num_blocks else 0
+    if needed <= num_blocks:
+        return None
+    return (f"{sequences} sequence(s) of {tokens} tokens (prompt and max_tokens) need {needed} cache blocks of "
+            f"{block_size} tokens; this server has {num_blocks}: lower max_tokens or n")
+
+
 class BlockTable:
     def __init__(self, slots: int, blocks: int, block_size: int, max_length: int, device: torch.device):
         self.block_size = block_size

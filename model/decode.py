@@ -148,10 +148,6 @@ class Decoder:
         """Whether `sequences` slots of `tokens` positions each (default: max_length) are free now."""
         return self.room_for([(sequences, tokens or self.max_length)])
 
-    def could_ever_allocate(self, sequences: int, tokens: int) -> bool:
-        """Whether the empty pool would have room for them."""
-        return self.num_slots >= sequences and self.blocks.num_blocks >= sequences * self.blocks.needed(tokens)
-
     def allocate(self, tokens: int | None = None) -> int | None:
         """A free slot with cache blocks for `tokens` positions (default: max_length), or None when there
         is no room for them now."""

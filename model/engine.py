@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .blocks import never_lendable
 from .decode import ContextLengthError, Decoder
 from .detokenize import TextStream
 from .embed import embed_steps, length_groups
@@ -237,12 +238,10 @@ class Engine:
         if not 1 <= request.n <= self.decoder.num_slots:
             raise ValueError(f"'n' must be in 1..{self.decoder.num_slots} (the decode slots), got {request.n}")
         tokens = len(request.prompt_ids) + request.params.max_tokens
-        if not self.decoder.could_ever_allocate(request.n, tokens):
-            blocks = self.decoder.blocks
-            raise ContextLengthError(
-                f"{request.n} sequence(s) of {tokens} tokens (prompt and max_tokens) need "
-                f"{request.n * blocks.needed(tokens)} cache blocks of {blocks.block_size} tokens; this server has "
-                f"{blocks.num_blocks}: lower max_tokens or n")
+        blocks = self.decoder.blocks
+        refusal = never_lendable(request.n, tokens, blocks.num_blocks, blocks.block_size)
+        if refusal:
+            raise ContextLengthError(refusal)
         if (request.stop or not request.skip_special_tokens) and self.tokenizer is None:
             raise ValueError("stop strings and special-token text need a tokenizer")
         job = GenerateJob(request, now, deadline)

@@ -16,7 +16,7 @@ from contextlib import ExitStack
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
-from model.blocks import blocks_for
+from model.blocks import never_lendable
 from model.messages import GenerateRequest
 
 from . import protocol
@@ -74,12 +74,9 @@ def engine_requests(spec, body: SamplingFields, generation: Generation, *, logpr
 def _check_cache_blocks(cache: dict, sequences: int, tokens: int) -> None:
     """Refused here, before a stream starts, what the engine would refuse because even its empty cache could
     not lend the blocks: n sequences of prompt + max_tokens each."""
-    per_sequence = blocks_for(tokens, cache["block_size"]) if cache["block_bytes"] else 0
-    if sequences * per_sequence > cache["blocks"]:
-        raise APIError(400, f"{sequences} sequence(s) of {tokens} tokens (prompt and max_tokens) need "
-                            f"{sequences * per_sequence} cache blocks of {cache['block_size']} tokens; this server "
-                            f"has {cache['blocks']}: lower max_tokens or n.", param="max_tokens",
-                       code="context_length_exceeded")
+    refusal = never_lendable(sequences, tokens, cache["blocks"], cache["block_size"])
+    if refusal:
+        raise APIError(400, f"{refusal}.", param="max_tokens", code="context_length_exceeded")
 
 
 async def serve(spec, request: Request, generation: Generation, messages: list[GenerateRequest],
