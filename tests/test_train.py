@@ -280,15 +280,24 @@ def test_compressor_baselines_are_computed_on_the_bytes():
 
 def test_generated_lines_are_judged_by_pythons_compiler():
     prompt = "def fibonacci(n):\n"
+
+    def judged(continuation, start=prompt):
+        counts = lines_before_syntax_error(start, continuation)
+        return counts["valid"], counts["code"], counts["lines"]
+
     # an unfinished block or bracket is valid so far; blank lines and the cut-off last line are not counted
-    assert lines_before_syntax_error(prompt, "    if n < 2:\n\n        return (n,\n                0)\n    ret") == (3, 3)
+    assert judged("    if n < 2:\n\n        return (n,\n                0)\n    ret") == (3, 3, 3)
     # lines after the first error do not count even when they would compile on their own
-    assert lines_before_syntax_error(prompt, "    a = 1\n  b = 2\n    c = 3\n") == (1, 3)
-    assert lines_before_syntax_error("def main():\n", "  0x  0x  0x 0x\n") == (0, 1)
-    assert lines_before_syntax_error(prompt, "    return '\\d'\n") == (1, 1)  # a warning is not an error
+    assert judged("    a = 1\n  b = 2\n    c = 3\n") == (1, 1, 3)
+    assert judged("  0x  0x  0x 0x\n", "def main():\n") == (0, 0, 1)
+    assert judged("    return '\\d'\n") == (1, 1, 1)  # a warning is not an error
+    # docstring and comment lines compile whatever they say: valid, but not code
+    assert judged('    """Doc\n    the bit of the\n    """\n    # the bit\n    x = 1  # one\n') == (5, 1, 5)
+    assert judged('    s = """open\n    the bit of the\n    the bit\n') == (3, 1, 3)  # still inside the string
     samples = [{"prompt": prompt, "greedy": "    return n\n", "sampled": "    x = )\n    y\n"},
-               {"prompt": prompt, "greedy": "   \n", "sampled": "    pass\n"}]
-    assert python_lines(samples) == {"greedy": {"valid": 1, "lines": 1}, "sampled": {"valid": 1, "lines": 3}}
+               {"prompt": prompt, "greedy": "   \n", "sampled": "    pass\n    # done\n"}]
+    assert python_lines(samples) == {"greedy": {"valid": 1, "code": 1, "lines": 1},
+                                     "sampled": {"valid": 2, "code": 1, "lines": 4}}
 
 
 def test_gpu_preset_builds_and_takes_a_short_step():

@@ -12,7 +12,8 @@
 - bits per byte by position in the file (0-1K, 1K-4K, 4K-16K, 16K+) over the test files longer than 16K
   bytes, and a plot of it at finer positions;
 - greedy and sampled continuations of a few prompts, each judged by Python's own compiler: how many of its
-  non-blank lines come before the first syntax error.
+  non-blank lines come before the first syntax error, and how many of those hold code (a line inside a
+  docstring or a comment compiles whatever it says, so it is counted apart).
 
 Writes bench/results/eval-default.json and .png, and model/default/MODEL_CARD.md from them and the training
 record (`training.json`, `training.model_card`); `python -m bench.report` adds the numbers to BENCHMARKS.md.
@@ -25,6 +26,7 @@ import bz2
 import codeop
 import datetime
 import gzip
+import io
 import json
 import lzma
 import math
@@ -32,6 +34,7 @@ import os
 import platform
 import sys
 import time
+import tokenize
 import warnings
 from pathlib import Path
 
@@ -149,32 +152,54 @@ def _valid_so_far(source: str) -> bool:
     return True
 
 
-def lines_before_syntax_error(prompt: str, continuation: str) -> tuple[int, int]:
-    """(non-blank lines of the continuation before its first syntax error, its non-blank complete lines); a
-    continuation cut off mid-function still counts as valid so far."""
+# Tokens that are not code: text in strings and comments, and layout.
+_NOT_CODE = {tokenize.STRING, tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+             tokenize.ENDMARKER} | {getattr(tokenize, name) for name in ("FSTRING_START", "FSTRING_MIDDLE",
+                                                                          "FSTRING_END") if hasattr(tokenize, name)}
+
+
+def _code_rows(source: str) -> set[int]:
+    """The rows (from 1) of `source` on which a code token starts. A string still open at the end (the
+    compiler accepts it as unfinished) stops the tokenizer, so its rows hold no code."""
+    rows = set()
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            if token.type not in _NOT_CODE:
+                rows.add(token.start[0])
+    except (tokenize.TokenError, SyntaxError):
+        pass
+    return rows
+
+
+def lines_before_syntax_error(prompt: str, continuation: str) -> dict[str, int]:
+    """Of the continuation's complete non-blank lines (`lines`): those before its first syntax error (`valid`;
+    a continuation cut off mid-function still counts as valid so far), and those of them that hold code
+    (`code`), not only docstring or comment text."""
     lines = continuation.split("\n")[:-1]  # the last piece is an unfinished line (or empty)
-    source, valid, total, broken = prompt, 0, 0, False
-    for line in lines:
+    source = valid_source = prompt
+    valid_rows, total, broken = [], 0, False
+    for row, line in enumerate(lines, start=prompt.count("\n") + 1):
         source += line + "\n"
         if line.strip():
             total += 1
             broken = broken or not _valid_so_far(source)
-            valid += not broken
-    return valid, total
+            if not broken:
+                valid_rows.append(row)
+                valid_source = source
+    code = _code_rows(valid_source)
+    return {"valid": len(valid_rows), "code": sum(row in code for row in valid_rows), "lines": total}
 
 
 def python_lines(samples: list[dict]) -> dict[str, dict[str, int]]:
-    """For each kind of continuation, the non-blank lines before the first syntax error and in all, summed
-    over the prompts."""
+    """For each kind of continuation, `lines_before_syntax_error` summed over the prompts."""
     totals: dict[str, dict[str, int]] = {}
     for sample in samples:
         for kind, text in sample.items():
             if kind == "prompt":
                 continue
-            valid, lines = lines_before_syntax_error(sample["prompt"], text)
-            entry = totals.setdefault(kind, {"valid": 0, "lines": 0})
-            entry["valid"] += valid
-            entry["lines"] += lines
+            entry = totals.setdefault(kind, {"valid": 0, "code": 0, "lines": 0})
+            for key, count in lines_before_syntax_error(sample["prompt"], text).items():
+                entry[key] += count
     return totals
 
 

@@ -92,9 +92,11 @@ def _python_lines(result: dict) -> str:
     judged = result.get("python_lines")
     if not judged:
         return ""
-    counts = "; ".join(f"{kind}: {entry['valid']} of {entry['lines']}" for kind, entry in judged.items())
+    counts = "; ".join(f"{kind}: {entry['valid']} of {entry['lines']}, {entry['code']} of them code"
+                       for kind, entry in judged.items())
     return ("Non-blank generated lines that Python's compiler accepts before the first syntax error (`codeop`: an "
-            f"unfinished block or bracket counts as valid so far), over the three prompts: {counts}.\n\n")
+            "unfinished block, bracket or string counts as valid so far), over the three prompts, and how many of "
+            f"those hold code rather than only docstring or comment text: {counts}.\n\n")
 
 
 def model_card(result: dict, training: dict, size_bytes: int) -> str:
