@@ -1,5 +1,5 @@
-"""/openapi.json with every POST route's request and response bodies, from the pydantic models in
-`protocol` (the routes read raw bodies, so FastAPI cannot see them by itself). Swagger UI and ReDoc load
+"""/openapi.json with every POST route's request and response bodies and the model routes' answers, from the
+pydantic models in `protocol` (the routes read raw bodies, so FastAPI cannot see them by itself). Swagger UI and ReDoc load
 their scripts from a CDN, blank on a machine without internet: they are off."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from .protocol import POST_BODIES, ErrorResponse
+from .protocol import GET_BODIES, POST_BODIES, ErrorResponse
 
 REF = "#/components/schemas/{model}"
 ERRORS = {"400": "Invalid request", "401": "Missing or wrong API key", "404": "Unknown model",
@@ -41,6 +41,12 @@ def document(app: FastAPI, title: str, version: str) -> None:
                     responses[status] = {"description": description,
                                          "content": {"application/json": {"schema": error}}}
                 operation["responses"] = responses
+            for path, response_model in GET_BODIES.items():
+                schema["paths"][path]["get"]["responses"] = {
+                    "200": {"description": "OK", "content": {
+                        "application/json": {"schema": _reference(response_model, components)}}},
+                    **({"404": {"description": ERRORS["404"], "content": {"application/json": {"schema": error}}}}
+                       if "{model_id}" in path else {})}
             app.openapi_schema = schema
         return app.openapi_schema
 

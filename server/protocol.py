@@ -451,7 +451,20 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
-# What each POST route reads and answers: /openapi.json is written from this table.
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int  # vLLM's field: the longest prompt + completion
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelObject]
+
+
+# What each route reads and answers: /openapi.json is written from these tables.
 POST_BODIES: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
     "/v1/completions": (CompletionRequest, CompletionResponse),
     "/v1/chat/completions": (ChatCompletionRequest, ChatCompletionResponse),
@@ -459,3 +472,4 @@ POST_BODIES: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
     "/tokenize": (TokenizeRequest, TokenizeResponse),
     "/detokenize": (DetokenizeRequest, DetokenizeResponse),
 }
+GET_BODIES: dict[str, type[BaseModel]] = {"/v1/models": ModelList, "/v1/models/{model_id}": ModelObject}

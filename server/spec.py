@@ -27,7 +27,7 @@ from .completions import CompletionsRoute
 from .embeddings import EmbeddingsRoute
 from .engine_client import EngineClient
 from .lifecycle import SharedState
-from .protocol import APIError, DetokenizeRequest, TokenizeRequest
+from .protocol import APIError, DetokenizeRequest, ModelList, ModelObject, TokenizeRequest
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -234,12 +234,12 @@ class OpenAISpec(LitSpec):
         body, content_type = exposition()
         return Response(body, media_type=content_type)
 
-    def _model_object(self) -> dict:
-        return {"id": self.info.name, "object": "model", "created": self.info.created, "owned_by": "reformer-server",
-                "max_model_len": self.info.max_context}
+    def _model_object(self) -> ModelObject:
+        return ModelObject(id=self.info.name, object="model", created=self.info.created, owned_by="reformer-server",
+                           max_model_len=self.info.max_context)
 
     async def models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [self._model_object()]})
+        return JSONResponse(ModelList(object="list", data=[self._model_object()]).model_dump())
 
     async def model(self, request: Request) -> Response:
         """GET /v1/models/{id} (the openai client's models.retrieve); a served name may hold slashes."""
@@ -247,7 +247,7 @@ class OpenAISpec(LitSpec):
             self.check_model(request.path_params["model_id"])
         except APIError as error:
             return error.response()
-        return JSONResponse(self._model_object())
+        return JSONResponse(self._model_object().model_dump())
 
     async def tokenize(self, request: Request) -> Response:
         try:

@@ -404,6 +404,10 @@ def test_openapi_documents_every_post_body_and_docs_need_no_internet(server):
         assert schema["components"]["schemas"][request]["properties"]
         assert schema["components"]["schemas"][response]["properties"]
     assert "temperature" in schema["components"]["schemas"]["CompletionRequest"]["properties"]
+    for path, name in (("/v1/models", "ModelList"), ("/v1/models/{model_id}", "ModelObject")):  # what clients list
+        answer = schema["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+        assert answer["$ref"].endswith(f"/{name}") and schema["components"]["schemas"][name]["properties"]
+    assert "id" in schema["components"]["schemas"]["ModelObject"]["required"]
     for name in ("CompletionRequest", "ChatCompletionRequest", "EmbeddingRequest", "StreamOptions"):
         request = schema["components"]["schemas"][name]  # null asks for the default, as in OpenAI's schema
         optional = set(request["properties"]) - set(request.get("required", ()))
