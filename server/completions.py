@@ -58,6 +58,10 @@ def engine_requests(spec, body: SamplingFields, generation: Generation, *, logpr
         if len(prompt.ids) > maximum:
             raise protocol.context_error(maximum, len(prompt.ids), max_tokens or 0)
         tokens = maximum - len(prompt.ids) if max_tokens is None else max_tokens
+        if tokens == 0 and max_tokens is None and not generation.echo:  # an implicit 0 would answer nothing
+            raise APIError(400, f"This model's maximum context length is {maximum} tokens, and the prompt's "
+                                f"{len(prompt.ids)} tokens fill it: no room is left for the completion. Please reduce "
+                                "the length of the prompt.", param="prompt", code="context_length_exceeded")
         if len(prompt.ids) + tokens > maximum:
             raise protocol.context_error(maximum, len(prompt.ids), tokens, param="max_tokens")
         _check_cache_blocks(cache, generation.n, len(prompt.ids) + tokens)

@@ -189,6 +189,24 @@ def test_chat_refuses_by_name_what_it_cannot_read_or_do(server):
     assert cached.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
 
 
+def test_a_prompt_that_fills_the_context_without_max_tokens_is_refused_unless_it_is_scored(server):
+    """With max_tokens null (or unsaid, in chat) the completion gets what the context leaves: none is a 400 (as
+    vLLM answers), not a 200 with nothing generated; with echo and logprobs it is a scoring request, answered."""
+    full = [97] * CONTEXT
+    with server.client() as client:
+        null = client.post("/v1/completions", json={"prompt": full, "max_tokens": None, "stream": True})
+        template = client.post("/tokenize", json={"prompt": "<user>\n<assistant>"}).json()["count"]
+        chat = client.post("/v1/chat/completions",
+                           json={"messages": [{"role": "user", "content": "a" * (CONTEXT - template)}]})
+        scored = client.post("/v1/completions", json={"prompt": full, "max_tokens": None, "echo": True,
+                                                        "logprobs": 0})
+    for refused in (null, chat):
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["code"] == "context_length_exceeded"
+    assert scored.status_code == 200, scored.text
+    assert len(scored.json()["choices"][0]["logprobs"]["tokens"]) == CONTEXT
+
+
 def test_any_int64_seed_is_a_seed_and_models_retrieve_names_the_model(server):
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
     texts = [client.completions.create(model="tiny", prompt="abc", max_tokens=8, temperature=1.0, seed=seed)
