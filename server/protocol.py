@@ -210,10 +210,14 @@ class ChatMessage(BaseModel):
     content: StrictStr | list[ContentPart] | None = None
 
     def check(self, index: int) -> None:
-        """A role OpenAI knows, and content of text only."""
+        """A role OpenAI knows, content present, and content of text only."""
         if self.role not in CHAT_ROLES:
             raise APIError(400, f"messages[{index}].role is '{self.role}'; it must be one of "
                                 f"{', '.join(CHAT_ROLES)}.", param=f"messages[{index}].role", code="invalid_value")
+        if self.content is None and not (self.role == "assistant" and (self.model_extra or {}).get("tool_calls")):
+            # OpenAI's rule: only an assistant message that calls tools may leave its content out
+            raise APIError(400, f"Missing required parameter: 'messages[{index}].content'.",
+                           param=f"messages[{index}].content", code="missing_required_parameter")
         for number, part in enumerate(self.content if isinstance(self.content, list) else []):
             where = f"messages[{index}].content[{number}]"
             if part.type != "text":
@@ -241,6 +245,11 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Any = None
     parallel_tool_calls: StrictBool | None = None
     response_format: dict[str, Any] | None = None
+    # OpenAI's bookkeeping, accepted and ignored: this server stores no completions and has one service tier.
+    store: StrictBool | None = None
+    metadata: Annotated[dict[StrictStr, Annotated[StrictStr, Field(max_length=512)]],
+                        Field(max_length=16)] | None = None
+    service_tier: Literal["auto", "default"] | None = None
 
 
 class Chunking(_Strict):

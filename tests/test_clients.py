@@ -166,8 +166,8 @@ def test_benchmark_clients_may_send_both_names_of_the_completion_limit(server):
 
 
 def test_chat_refuses_by_name_what_it_cannot_read_or_do(server):
-    """Image parts, unknown roles and a demanded tool call are 400s that say which; a text part's extra keys
-    (cache_control) and tool_choice "auto" without tools change nothing."""
+    """Image parts, unknown roles, missing content and a demanded tool call are 400s that say which; a text
+    part's extra keys (cache_control), tool_choice "auto" without tools and store/metadata change nothing."""
     def chat(messages, **extra):
         with server.client() as client:
             return client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 4,
@@ -182,10 +182,18 @@ def test_chat_refuses_by_name_what_it_cannot_read_or_do(server):
     assert bogus.status_code == 400 and bogus.json()["error"]["param"] == "messages[1].role"
     required = chat([{"role": "user", "content": "hi"}], tool_choice="required")
     assert required.status_code == 400 and required.json()["error"]["param"] == "tool_choice"
+    missing = chat([{"role": "user"}])
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "messages[0].content"
+    calls = [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    called = chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": calls},
+                   {"role": "tool", "tool_call_id": "call_1", "content": "42"}])
+    assert called.status_code == 200, called.text
     plain = chat([{"role": "developer", "content": "hi"}])
     cached = chat([{"role": "developer", "content": [{"type": "text", "text": "hi",
                                                      "cache_control": {"type": "ephemeral"}}]}], tool_choice="auto")
-    assert plain.status_code == cached.status_code == 200
+    bookkept = chat([{"role": "developer", "content": "hi"}], store=False, metadata={"app": "demo"},
+                    service_tier="auto")  # OpenAI's bookkeeping fields ask for nothing a reply would show
+    assert plain.status_code == cached.status_code == bookkept.status_code == 200, bookkept.text
     assert cached.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
 
 
