@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import __version__, lifecycle, metrics, openapi, security
 from .capacity import CacheTooSmall, plan_cache
 from .http_limits import guarded_protocol
+from .request_ids import RequestIdMiddleware
 from .settings import ServerSettings
 
 log = logging.getLogger("server")
@@ -60,6 +61,7 @@ def build_server(settings: ServerSettings):
     server.app.add_exception_handler(StarletteHTTPException, _openai_error)
     openapi.document(server.app, title="Reformer inference server", version=__version__)
     security.secure(server.app, settings.api_key, settings.cors_allow_origin or [])
+    server.app.add_middleware(RequestIdMiddleware)  # added last, so it runs first: refusals carry the id too
     return server, shared, metrics_dir if made else None
 
 

@@ -44,6 +44,8 @@ def secure(app, api_key: str | None, cors_origins: list[str]) -> None:
     if api_key:
         app.add_middleware(APIKeyMiddleware, key=api_key)
     if cors_origins:
+        # Any request header: the openai JS SDK sends its own (x-stainless-*), and a fixed list refused its
+        # preflight. The origins are what this guards.
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type", "X-API-Key", "X-Request-Timeout"])
+                           allow_headers=["*"], expose_headers=["Retry-After", "X-Request-Id"])
 

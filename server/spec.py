@@ -121,12 +121,16 @@ class OpenAISpec(LitSpec):
                            headers={"Retry-After": "5"})
 
     async def read_body(self, request: Request) -> bytes:
-        """The body, if it is JSON, within --max-body-bytes and received within --body-timeout."""
+        """The body, if it is uncompressed JSON, within --max-body-bytes and received within --body-timeout."""
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type != "application/json":
             # Also what keeps a web page from driving the server through a visitor's browser: a cross-site
             # form or fetch without a CORS preflight can only send text/plain, form or multipart bodies.
             raise APIError(415, f"The body must be application/json, not {content_type or 'unlabelled'}.",
+                           code="unsupported_media_type")
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":  # RFC 7694: 415 names the coding; decompressing would also lift the size cap
+            raise APIError(415, f"Content-Encoding {encoding} is not supported: send the body uncompressed.",
                            code="unsupported_media_type")
         limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length")

@@ -4,6 +4,7 @@ routes behind the key; and a bounded schema-driven fuzz run. Every wait is bound
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ import time
 from types import SimpleNamespace
 
 import httpx
+import openai
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -175,8 +177,11 @@ def test_only_json_bodies_are_accepted(server):
     with server.client() as client:
         plain = client.post("/v1/completions", content=b'{"prompt": "x"}', headers={"content-type": "text/plain"})
         form = client.post("/v1/completions", data={"prompt": "x"})
+        zipped = client.post("/v1/completions", content=gzip.compress(b'{"prompt": "x"}'),
+                             headers={"content-type": "application/json", "content-encoding": "gzip"})
     assert plain.status_code == 415 and plain.json()["error"]["code"] == "unsupported_media_type"
     assert form.status_code == 415
+    assert zipped.status_code == 415 and "gzip" in zipped.json()["error"]["message"]  # not "invalid JSON"
 
 
 def test_no_cors_headers_unless_configured(server):
@@ -186,9 +191,27 @@ def test_no_cors_headers_unless_configured(server):
     app = FastAPI()
     app.post("/v1/completions")(lambda: {})
     secure(app, None, ["https://app.example"])
-    allowed = TestClient(app).options("/v1/completions", headers={"Origin": "https://app.example",
-                                                                  "Access-Control-Request-Method": "POST"})
+    sdk_headers = "authorization,content-type,x-stainless-lang,x-stainless-os,x-stainless-retry-count"
+    allowed = TestClient(app).options("/v1/completions", headers={  # what the openai JS SDK's preflight asks
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": sdk_headers})
+    assert allowed.status_code == 200, allowed.text
     assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+    answered = TestClient(app).post("/v1/completions", headers={"Origin": "https://app.example"})
+    assert "retry-after" in answered.headers["access-control-expose-headers"].lower()
+
+
+def test_every_answer_carries_a_request_id_and_a_clients_own_is_echoed(server):
+    refused = httpx.get(f"{server.url}/v1/models", timeout=5)
+    with server.client() as client:
+        echoed = client.get("/v1/models", headers={"X-Request-Id": "trace-42"})
+        hostile = client.get("/v1/models", headers={"X-Request-Id": "x" * 500})
+    assert refused.status_code == 401 and refused.headers["x-request-id"].startswith("req_")
+    assert echoed.headers["x-request-id"] == "trace-42"
+    assert hostile.headers["x-request-id"].startswith("req_")  # too long to echo into our logs and answers
+    sdk = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+    completion = sdk.completions.create(model="tiny", prompt="x", max_tokens=1)
+    assert completion._request_id.startswith("req_")
 
 
 def test_every_route_but_the_probes_needs_the_key(server):
