@@ -36,6 +36,7 @@ import sys
 import time
 import tokenize
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -171,23 +172,36 @@ def _code_rows(source: str) -> set[int]:
     return rows
 
 
-def lines_before_syntax_error(prompt: str, continuation: str) -> dict[str, int]:
-    """Of the continuation's complete non-blank lines (`lines`): those before its first syntax error (`valid`;
-    a continuation cut off mid-function still counts as valid so far), and those of them that hold code
-    (`code`), not only docstring or comment text."""
+@dataclass(frozen=True)
+class JudgedLine:
+    text: str
+    valid: bool  # before the continuation's first syntax error
+    code: bool  # valid, and holds code rather than only docstring or comment text
+
+
+def judge_lines(prompt: str, continuation: str) -> list[JudgedLine]:
+    """The continuation's complete non-blank lines, judged by the compiler after the prompt (a continuation
+    cut off mid-function still counts as valid so far)."""
     lines = continuation.split("\n")[:-1]  # the last piece is an unfinished line (or empty)
     source = valid_source = prompt
-    valid_rows, total, broken = [], 0, False
+    judged, broken = [], False  # (row, text, valid)
     for row, line in enumerate(lines, start=prompt.count("\n") + 1):
         source += line + "\n"
         if line.strip():
-            total += 1
             broken = broken or not _valid_so_far(source)
+            judged.append((row, line, not broken))
             if not broken:
-                valid_rows.append(row)
                 valid_source = source
     code = _code_rows(valid_source)
-    return {"valid": len(valid_rows), "code": sum(row in code for row in valid_rows), "lines": total}
+    return [JudgedLine(text, valid, valid and row in code) for row, text, valid in judged]
+
+
+def lines_before_syntax_error(prompt: str, continuation: str) -> dict[str, int]:
+    """Of the continuation's complete non-blank lines (`lines`): those before its first syntax error (`valid`)
+    and those of them that hold code (`code`)."""
+    judged = judge_lines(prompt, continuation)
+    return {"valid": sum(line.valid for line in judged), "code": sum(line.code for line in judged),
+            "lines": len(judged)}
 
 
 def python_lines(samples: list[dict]) -> dict[str, dict[str, int]]:
