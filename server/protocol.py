@@ -302,7 +302,10 @@ def parse(schema: type[BaseModel], body: bytes) -> BaseModel:
     try:
         return schema.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
+        errors = error.errors()
+        # A union field reports every branch; the branch of the JSON type that was sent fails on its value (a
+        # list too long), the others on their type. Say the value's error, not "should be a string".
+        first = next((e for e in errors if not e["type"].endswith("_type")), errors[0])
         param = ".".join(str(part) for part in first["loc"] if not isinstance(part, int)) or None
         top = str(first["loc"][0]) if first["loc"] else None
         if first["type"] == "extra_forbidden":

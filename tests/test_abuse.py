@@ -228,6 +228,7 @@ OVERSIZED = [
     ({"stop_token_ids": list(range(1_000_000))}, "stop_token_ids"),
     ({"stop": "s" * 100_000}, "stop"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"stop": ["s" * 300]}, "stop"),
     ({"logit_bias": {str(i): 1 for i in range(2000)}}, "logit_bias"),
     ({"logprobs": 21}, "logprobs"),
     ({"n": 17}, "n"),
@@ -251,6 +252,8 @@ def test_oversized_parameters_are_refused_by_name(server, extra, param):
         response = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, **extra})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+    if param in ("stop", "prompt"):  # union fields: the error of the branch that was sent, not another's type
+        assert response.json()["error"]["code"] == "invalid_value" and "at most" in response.json()["error"]["message"]
 
 
 # ---- a schema-driven fuzzer ------------------------------------------------------------------------------------
