@@ -36,7 +36,7 @@ from .penalties import LogitsAdjuster
 from .messages import (Cancel, EmbedRequest, EngineInput, EngineOutput, ErrorCode, Failed, Finished, FinishReason,
                        GenerateRequest, Embeddings, Progress, PromptLogprobs, Token)
 from .reformer import ReformerLM
-from .sampling import Sampler, SamplingParams, TokenChoice
+from .sampling import Sampler, SamplingParams, TokenChoice, with_chosen
 
 log = logging.getLogger(__name__)
 
@@ -501,9 +501,10 @@ def _prompt_logprobs(job: GenerateJob, logits: torch.Tensor) -> PromptLogprobs:
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     ids = torch.tensor(job.request.prompt_ids, device=logprobs.device)
     chosen = [None] + logprobs[:-1].gather(1, ids[1:, None])[:, 0].tolist()
-    count = job.request.params.logprobs or 0
+    count = job.request.params.logprobs
     top: list = [None] * len(ids)
-    if count:
+    if count is not None:  # as for generated tokens: the likeliest `count`, and the prompt's own token always
         values, indices = torch.topk(logprobs[:-1], min(count, logprobs.shape[-1]))
-        top = [None] + [list(zip(i.tolist(), v.tolist())) for i, v in zip(indices, values)]
+        top = [None] + [with_chosen(i, v, token, lp) for i, v, token, lp in
+                        zip(indices.tolist(), values.tolist(), ids[1:].tolist(), chosen[1:])]
     return PromptLogprobs(job.uid, chosen, top)

@@ -164,12 +164,18 @@ class Sampler:
                 probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
             token = int(torch.multinomial(probs, 1, generator=self.generator))
         top: list[tuple[int, float]] = []
-        if params.logprobs is not None:  # the likeliest `logprobs` tokens, and the chosen one always
+        if params.logprobs is not None:
             values, ids = torch.topk(logprobs, min(params.logprobs, logprobs.shape[-1]))
-            top = list(zip(ids.tolist(), values.tolist()))
-            if token not in ids.tolist():
-                top.append((token, float(logprobs[token])))
+            top = with_chosen(ids.tolist(), values.tolist(), token, float(logprobs[token]))
         return TokenChoice(token, float(logprobs[token]), top)
+
+
+def with_chosen(ids: list[int], logprobs: list[float], token: int, logprob: float) -> list[tuple[int, float]]:
+    """The likeliest tokens' (id, logprob), and the token that was chosen (or read) always, as vLLM reports."""
+    top = list(zip(ids, logprobs))
+    if token not in ids:
+        top.append((token, logprob))
+    return top
 
 
 def _top_p(scores: Tensor, top_p: float) -> Tensor:

@@ -406,10 +406,19 @@ def test_top_logprobs_hold_the_sampled_token_and_zero_means_it_alone(server):
                                                        "seed": 1, "logprobs": 1}).json()["choices"][0]["logprobs"]
         zero = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 5, "temperature": 0,
                                                     "logprobs": 0}).json()["choices"][0]["logprobs"]
+        # echoed prompt tokens follow the same rule (vLLM's prompt logprobs): the read token is always there
+        echoed = {count: client.post("/v1/completions", json={
+            "prompt": "a quiet zebra", "max_tokens": 0, "echo": True, "logprobs": count}).json()["choices"][0]
+            ["logprobs"] for count in (0, 1)}
     for token, top in zip(sampled["tokens"], sampled["top_logprobs"]):
         assert token in top and 1 <= len(top) <= 2
     assert any(len(top) == 2 for top in sampled["top_logprobs"])  # a token that was not the likeliest
     assert all(list(top) == [token] for token, top in zip(zero["tokens"], zero["top_logprobs"]))
+    assert echoed[0]["top_logprobs"][0] is None  # the first token has nothing before it
+    assert all(list(top) == [token] for token, top in zip(echoed[0]["tokens"][1:], echoed[0]["top_logprobs"][1:]))
+    for token, top in zip(echoed[1]["tokens"][1:], echoed[1]["top_logprobs"][1:]):
+        assert token in top and 1 <= len(top) <= 2
+    assert any(len(top) == 2 for top in echoed[1]["top_logprobs"][1:])
 
 
 # ---- the API surface ---------------------------------------------------------------------------------------------
