@@ -99,5 +99,6 @@ class LogitsAdjuster:
         seen = self.in_prompt[index] | (counts > 0)
         x = torch.where(seen, torch.where(x > 0, x / repetition, x * repetition), x)
         x = x - self.frequency[index][:, None] * counts - self.presence[index][:, None] * (counts > 0)
-        # A tiny repetition penalty divides a logit into +inf; the likeliest stays the likeliest, finite.
-        return torch.nan_to_num(x, nan=float("-inf"), posinf=torch.finfo(x.dtype).max)
+        # A tiny repetition penalty divides a logit into +inf; the likeliest stays the likeliest, finite. A masked
+        # token stays -inf: never drawn, and the sampler sees when nothing is left to draw.
+        return torch.nan_to_num(x, nan=float("-inf"), posinf=torch.finfo(x.dtype).max, neginf=float("-inf"))

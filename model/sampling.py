@@ -101,11 +101,16 @@ class SamplingParams:
                           ("allowed_token_ids", self.allowed_token_ids or ())):
             if any(t >= vocab_size for t in ids):
                 raise InvalidParameter(name, f"token ids in [0, {vocab_size})", getattr(self, name))
-        if self.min_tokens and self.allowed_token_ids is not None and \
-                set(self.allowed_token_ids) <= set(self.end_tokens(eos_token_id)):
+        if not self.min_tokens:
+            return
+        ends = set(self.end_tokens(eos_token_id))
+        if self.allowed_token_ids is not None and set(self.allowed_token_ids) <= ends:
             raise InvalidParameter("allowed_token_ids", "a list with a token that is not an end token (end of "
                                    "sequence, stop_token_ids) while min_tokens holds those back",
                                    self.allowed_token_ids)
+        if self.allowed_token_ids is None and len(ends) >= vocab_size:  # every id is below vocab_size (above)
+            raise InvalidParameter("stop_token_ids", "a list that leaves a token other than the end tokens to draw "
+                                   "while min_tokens holds those back", f"all {vocab_size} tokens")
 
     def end_tokens(self, eos_token_id: int | None) -> list[int]:
         """The tokens that end this sequence: its stop tokens, and the model's end of sequence unless ignored."""

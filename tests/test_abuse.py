@@ -234,6 +234,7 @@ OVERSIZED = [
     ({"n": 17}, "n"),
     ({"prompt": ["p"] * 300}, "prompt"),
     ({"allowed_token_ids": [7], "stop_token_ids": [7], "min_tokens": 2}, "allowed_token_ids"),
+    ({"stop_token_ids": list(range(258)), "min_tokens": 2}, "stop_token_ids"),  # every token of the tiny model
 ]
 
 

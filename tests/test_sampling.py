@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from model.generate import generate
+from model.penalties import LogitsAdjuster
 from model.sampling import Sampler, SamplingParams
 from tests.reference import TINY, build_pair, random_ids, rng_for
 
@@ -57,6 +58,22 @@ def test_min_tokens_must_leave_a_token_that_does_not_end_the_text():
     SamplingParams(allowed_token_ids=(2,), min_tokens=1, ignore_eos=True).validate(vocab_size=64, eos_token_id=2)
     SamplingParams(allowed_token_ids=(2, 3), min_tokens=1).validate(vocab_size=64, eos_token_id=2)
     SamplingParams(allowed_token_ids=(2,)).validate(vocab_size=64, eos_token_id=2)
+    # with no allowed list, the end tokens may still cover the whole vocabulary (a byte model's is small)
+    with pytest.raises(ValueError, match="'stop_token_ids'"):
+        SamplingParams(stop_token_ids=tuple(range(64)), min_tokens=1).validate(vocab_size=64, eos_token_id=2)
+    with pytest.raises(ValueError, match="'stop_token_ids'"):
+        SamplingParams(stop_token_ids=tuple(t for t in range(64) if t != 2), min_tokens=1).validate(64, 2)
+    SamplingParams(stop_token_ids=tuple(range(63)), min_tokens=1).validate(vocab_size=64, eos_token_id=2)
+
+
+def test_masked_tokens_stay_masked_after_the_penalties():
+    """The adjusted logits keep -inf where a token is held back, so a masked token is never drawn and a row
+    with nothing left to draw is seen, not sampled from the smallest float."""
+    adjuster = LogitsAdjuster(1, 6, torch.device("cpu"))
+    adjuster.start(0, [0], SamplingParams(allowed_token_ids=(1, 2), repetition_penalty=1.2), eos_token_id=None)
+    adjusted = adjuster.apply(LOGITS[None], [0])[0]
+    assert torch.isinf(adjusted[[0, 3, 4, 5]]).all() and (adjusted[[0, 3, 4, 5]] < 0).all()
+    assert torch.isfinite(adjusted[[1, 2]]).all()
 
 
 def test_seeded_requests_ignore_their_batch_neighbours():
