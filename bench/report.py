@@ -307,6 +307,22 @@ def eval_section(result: dict) -> list[str]:
     return lines
 
 
+def sampling_section(result: dict) -> list[str]:
+    def shown(setting: dict) -> str:
+        return ", ".join(f"{key} {value:g}" for key, value in setting.items())
+
+    lines = [*_heading(result),
+             f"Model `{result['model']}`; {result['prompts']} validation-file beginnings, {result['tokens']} tokens "
+             f"each; in all {result['seconds']:.0f} s. Lines are the continuations' complete non-blank lines.", "",
+             "| setting | lines | valid before the first error | code | new code (score) |", "|---|---:|---:|---:|---:|"]
+    for entry in result["tried"]:
+        name = shown(entry["setting"])
+        name = f"**{name}**" if entry["setting"] == result["best"] else name
+        lines.append(f"| {name} | {entry['lines']} | {entry['valid']} | {entry['code']} | "
+                     f"{entry['new_code']} ({entry['score']:.2f}) |")
+    return lines + ["", f"Chosen: {shown(result['best'])} (before: {shown(result['previous']) or 'none'}).", ""]
+
+
 def train_memory_section(result: dict) -> list[str]:
     lines = [*_heading(result),
              f"`{result['preset']}` training preset, and the same with its layer pattern repeated to more layers; "
@@ -355,6 +371,12 @@ SECTIONS = [
      "## Default model: bits per byte against the compressors",
      "`python -m training.evaluate` (see `model/default/MODEL_CARD.md`): the embedded model and gzip, bz2 and "
      "xz on exactly the same bytes, computed in the same run.",
+     False),
+    ("sampling_default", sampling_section,
+     "## Default model: sampling defaults chosen by what it writes",
+     "`python -m training.choose_sampling --apply`: each candidate setting continues the same prompts; the share of "
+     "lines that are valid, new lines of code (not docstring or comment text, not a repeat) picks the defaults in "
+     "`model/default/generation_config.json`.",
      False),
     ("train_memory", train_memory_section,
      "## Training memory: reversible layers vs ordinary residual layers",

@@ -4,6 +4,7 @@ default model and the evaluation's scoring windows."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -298,6 +299,30 @@ def test_generated_lines_are_judged_by_pythons_compiler():
                {"prompt": prompt, "greedy": "   \n", "sampled": "    pass\n    # done\n"}]
     assert python_lines(samples) == {"greedy": {"valid": 1, "code": 1, "lines": 1},
                                      "sampled": {"valid": 2, "code": 1, "lines": 4}}
+
+
+def test_sampling_defaults_are_chosen_by_new_lines_of_code_and_applied(tmp_path, monkeypatch):
+    from training import choose_sampling
+
+    prompt = "def f(n):\n"
+    # a repeated line is a loop and a comment is not code: 3 lines, all valid, 2 of code, 1 new
+    assert choose_sampling.score(prompt, "    x = 1\n    x = 1\n    # note\n") == {
+        "lines": 3, "valid": 3, "code": 2, "new_code": 1}
+    prompts = choose_sampling.prompts(3)
+    assert len(prompts) == 3 and all(p.rstrip().split("\n")[-1].lstrip().startswith("def ") for p in prompts)
+    monkeypatch.setattr(choose_sampling, "CANDIDATES", ({"temperature": 0.0}, {"temperature": 0.7, "top_p": 0.9}))
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("model.safetensors", "reformer.json", "spiece.model", "generation_config.json"):
+        (model / name).write_bytes((choose_sampling.DEFAULT_MODEL / name).read_bytes())
+    (model / "generation_config.json").write_text('{"repetition_penalty": 1.3, "bos_token_id": 1}')
+    result = choose_sampling.choose(model, 2, 6)
+    assert [entry["setting"] for entry in result["tried"]] == list(choose_sampling.CANDIDATES)
+    assert result["previous"] == {"repetition_penalty": 1.3}
+    assert result["best"] == max(result["tried"], key=lambda entry: entry["score"])["setting"]
+    choose_sampling.apply(model, {"temperature": 0.7, "top_p": 0.9})  # the old setting goes whole
+    assert json.loads((model / "generation_config.json").read_text()) == {"temperature": 0.7, "top_p": 0.9,
+                                                                          "bos_token_id": 1}
 
 
 def test_gpu_preset_builds_and_takes_a_short_step():
