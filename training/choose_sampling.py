@@ -32,7 +32,7 @@ from model.sampling import SamplingParams
 from model.tokenizer import load_tokenizer
 
 from . import corpus
-from .evaluate import DEFAULT_MODEL, _valid_so_far, judge_lines
+from .evaluate import DEFAULT_MODEL, ROOT, _valid_so_far, judge_lines
 from .subwords import source_text
 
 RESULTS_FILE = RESULTS / "sampling-default.json"
@@ -107,7 +107,7 @@ def choose(model_dir: Path, count: int, tokens: int) -> dict:
         "benchmark": "sampling_default",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        "model": str(model_dir),
+        "model": _shown(model_dir),
         "prompts": len(texts),
         "tokens": tokens,
         "seconds": time.perf_counter() - started,
@@ -115,6 +115,12 @@ def choose(model_dir: Path, count: int, tokens: int) -> dict:
         "tried": tried,
         "best": best["setting"],
     }
+
+
+def _shown(path: Path) -> str:
+    """A path as the project names it (relative to its root), wherever it was run from."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def apply(model_dir: Path, setting: dict) -> None:
