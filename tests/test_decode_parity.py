@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers.models.reformer import modeling_reformer
 
+from model.blocks import never_lendable
 from model.config import ReformerConfig
 from model.decode import Decoder
 from model.generate import generate
@@ -163,7 +164,10 @@ def test_local_layers_cache_their_window_and_lsh_layers_blocks():
     first = decoder.allocate(40)  # 3 blocks
     assert decoder.slots[first].capacity == 48 and decoder.blocks.free_blocks == 2
     assert not decoder.can_allocate(1, 40) and decoder.can_allocate(1, 32) and decoder.allocate(40) is None
-    assert decoder.could_ever_allocate(1, 64) and not decoder.could_ever_allocate(2, 48)  # 4 and 2 x 3 of 5
+    blocks = decoder.blocks  # 4, and 2 x 3, of 5 blocks: the first fits an empty pool, the second never does
+    assert never_lendable(1, 64, blocks.num_blocks, blocks.block_size) is None
+    assert "need 6 cache blocks of 16 tokens; this server has 5" in never_lendable(2, 48, blocks.num_blocks,
+                                                                                  blocks.block_size)
     decoder.free(first)
     assert decoder.blocks.free_blocks == 5 and decoder.blocks.table[first].eq(0).all()
     # A window longer than the context keeps every position.
