@@ -80,8 +80,7 @@ def score(prompt: str, continuation: str) -> dict[str, int]:
     return counts
 
 
-def try_setting(model, tokenizer, texts: list[str], setting: dict, tokens: int) -> dict:
-    ids = [tokenizer.encode(text) for text in texts]
+def try_setting(model, tokenizer, texts: list[str], ids: list[list[int]], setting: dict, tokens: int) -> dict:
     params = [SamplingParams(max_tokens=tokens, seed=seed, **setting) for seed in range(len(texts))]
     outputs = generate(model, ids, params, num_slots=len(texts))
     totals = {"lines": 0, "valid": 0, "code": 0, "new_code": 0}
@@ -97,10 +96,11 @@ def choose(model_dir: Path, count: int, tokens: int) -> dict:
     model = load_model(model_dir).float()
     tokenizer = load_tokenizer(model_dir)
     texts = prompts(count)
+    ids = [tokenizer.encode(text) for text in texts]  # once, for every setting
     started = time.perf_counter()
     tried = []
     for setting in CANDIDATES:
-        tried.append(try_setting(model, tokenizer, texts, setting, tokens))
+        tried.append(try_setting(model, tokenizer, texts, ids, setting, tokens))
         print(f"{tried[-1]['score']:.3f} new code lines per line  {setting}", flush=True)
     best = max(tried, key=lambda entry: entry["score"])  # the first listed wins a tie: the simpler setting
     return {
