@@ -22,7 +22,7 @@ from model.reformer import ReformerLM
 from training.reversible import reversible_stack
 from model.tokenizer import ByteTokenizer, load_tokenizer
 from training.subwords import encode_files, make_tokenizer, token_bytes
-from training.train import (PRESETS, TrainSettings, evaluate, export, language_model_loss, learning_rate,
+from training.train import (PRESETS, TrainSettings, evaluate, export, language_model_loss, learning_rate, main,
                             model_config, schedule_fraction, step_windows, train, validation_texts,
                             vocabulary_size)
 from tests.seed import SEED
@@ -133,6 +133,13 @@ def test_resume_continues_exactly_and_exports_fp16(tmp_path):
     for (name, a), (_, b) in zip(resumed.state_dict().items(), served.state_dict().items()):
         tolerance = 0 if name.endswith("rotations") else 1e-3 * max(1.0, float(a.abs().max()))
         assert torch.allclose(a.float(), b, rtol=0, atol=tolerance), name
+
+
+def test_every_run_ends_with_its_serving_checkpoint(tmp_path):
+    main(["--preset", "tiny", "--out", str(tmp_path), "--steps", "2"])  # no --export
+    served = load_model(tmp_path / "export")
+    assert served.config.max_positions == PRESETS["tiny"][0](ByteTokenizer.vocab_size).max_positions
+    assert json.loads((tmp_path / "export" / "training.json").read_text())["step"] == 2
 
 
 def test_learning_rate_warms_up_then_decays_to_a_tenth():

@@ -2,7 +2,7 @@
 
     python -m training.train --preset cpu --out runs/cpu              # or --preset gpu on a CUDA machine
     python -m training.train --preset cpu --out runs/cpu --resume     # continue from runs/cpu/checkpoint
-    python -m training.train ... --export model/default               # also write the fp16 serving checkpoint
+    python -m training.train ... --export model/default               # the fp16 serving checkpoint (else OUT/export)
     python -m training.train --preset cpu-v1 --out runs/a --minutes 9 # a recipe for a fixed wall time
 
 A recipe (`PRESETS`) is a model shape, a tokenizer (bytes, or a SentencePiece vocabulary learned from the train
@@ -371,7 +371,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--until", type=int, help="pause after this step (to split a run over sessions)")
     parser.add_argument("--ordinary", action="store_true", help="plain autograd instead of reversible backprop")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--export", type=Path, help="write the fp16 serving checkpoint here at the end")
+    parser.add_argument("--export", type=Path,
+                        help="write the fp16 serving checkpoint here at the end (default: OUT/export)")
     args = parser.parse_args(argv)
     make_config, settings = PRESETS[args.preset]
     if args.steps:
@@ -388,9 +389,11 @@ def main(argv: list[str] | None = None) -> None:
           f"{config.max_positions} tokens, {'ordinary' if args.ordinary else 'reversible'} backprop")
     model = train(make_config, settings, args.out, device=device, resume=args.resume, reversible=not args.ordinary,
                   until=args.until)
-    if args.export:
-        export(model, args.export, args.out, device, args.preset)
-        print(f"serving checkpoint written to {args.export}")
+    # every run ends with its serving checkpoint: a run that forgot to ask for it would otherwise need a second
+    # `--resume` call just to write it
+    export_to = args.export or args.out / "export"
+    export(model, export_to, args.out, device, args.preset)
+    print(f"serving checkpoint written to {export_to}")
 
 
 if __name__ == "__main__":
