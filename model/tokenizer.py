@@ -21,6 +21,11 @@ class Tokenizer(Protocol):
 
     def is_special(self, token: int) -> bool: ...
 
+    def fewest_tokens(self, text: str) -> int:
+        """A lower bound on len(encode(text)) found without encoding: a server refuses a text far too long for
+        its context before the seconds that encoding megabytes takes."""
+        ...
+
 
 def byte_text(byte: int) -> str:
     """A token that stands for one byte, as OpenAI's API writes it: ASCII as itself, else bytes:\\xNN (one byte
@@ -38,6 +43,9 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return [byte + self.OFFSET for byte in text.encode("utf-8")]
+
+    def fewest_tokens(self, text: str) -> int:
+        return len(text)  # a token per byte, and a character is one to four bytes
 
     def decode_bytes(self, ids: list[int]) -> bytes:
         """The bytes behind ids, special ids dropped (a stream decodes these incrementally)."""
@@ -77,6 +85,25 @@ class SentencePieceTokenizer:
         self.eos_id = eos if eos >= 0 else None
         pad = self.processor.pad_id()
         self.pad_id = pad if pad >= 0 else 0
+        self._widest_piece = self._widest_piece_characters()
+
+    def _widest_piece_characters(self) -> int | None:
+        """The most characters one token covers (a word-boundary mark is one space), or None when a token may
+        cover any number: an unknown piece stands for unknown text when there are no byte pieces to spell it."""
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto.FromString(self.processor.serialized_model_proto())
+        normalizer = proto.normalizer_spec
+        if normalizer.name != "identity" or normalizer.remove_extra_whitespaces or not proto.trainer_spec.byte_fallback:
+            return None  # a normalizer may shorten the text it encodes
+        texts = [self.processor.id_to_piece(i) for i in range(self.vocab_size)
+                 if not (self.processor.is_control(i) or self.processor.is_byte(i) or self.processor.is_unknown(i))]
+        return max((len(piece) for piece in texts), default=1)
+
+    def fewest_tokens(self, text: str) -> int:
+        if self._widest_piece is None:
+            return min(1, len(text))
+        return -(-len(text) // self._widest_piece)
 
     def encode(self, text: str) -> list[int]:
         return self.processor.encode(text, out_type=int)

@@ -74,9 +74,12 @@ class EmbeddingsRoute:
                                 "0..size-1.", param="chunking", code="invalid_value")
         encoded = []
         chunks = tokens = 0
+        self._refuse_by_length(inputs, chunking is not None)
         for index, item in enumerate(inputs):
-            ids = spec.tokenizer.encode(item) if isinstance(item, str) else list(item)
-            if not isinstance(item, str):
+            if isinstance(item, str):
+                ids = spec.tokenizer.encode(item)
+            else:
+                ids = list(item)
                 spec.check_token_ids(ids, "input")
             if not ids:
                 raise APIError(400, f"input {index} is empty.", param="input", code="empty_input")
@@ -97,6 +100,21 @@ class EmbeddingsRoute:
             spans.append(pieces)
             documents.extend(ids[s:e] for s, e in pieces)
         return documents, spans
+
+    def _refuse_by_length(self, inputs: list, chunked: bool) -> None:
+        """Refuses texts whose lengths alone show they cannot be served, before the seconds that encoding
+        megabytes takes; what passes is checked again on its exact token counts."""
+        least = [self.spec.tokenizer.fewest_tokens(item) if isinstance(item, str) else len(item) for item in inputs]
+        maximum, queue = self.spec.info.max_context, self.spec.settings.max_queued_tokens
+        for index, item in enumerate(inputs):
+            if isinstance(item, str) and not chunked and least[index] > maximum:
+                raise protocol.text_too_long(maximum, len(item), least[index], "input",
+                                             f"Ask for server-side chunking of input {index} with 'chunking': "
+                                             "{\"size\": N}.")
+        if sum(least) > queue:
+            raise APIError(400, f"These inputs are at least {sum(least):,} tokens; this server admits at most "
+                                f"{queue} tokens at once (--max-queued-tokens), so they can never be served.",
+                           param="input", code="exceeds_queue_limit")
 
     def _check_chunk_limits(self, body: EmbeddingRequest, chunks: int, tokens: int) -> None:
         queue = self.spec.settings.max_queued_tokens

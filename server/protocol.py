@@ -331,6 +331,13 @@ def context_error(maximum: int, prompt: int, completion: int, param: str = "prom
                     param=param, code="context_length_exceeded")
 
 
+def text_too_long(maximum: int, characters: int, tokens: int, param: str, advice: str) -> APIError:
+    """A text refused on its length alone (`Tokenizer.fewest_tokens`): it is at least `tokens` tokens long."""
+    return APIError(400, f"This model's maximum context length is {maximum} tokens; this text of {characters:,} "
+                         f"characters is at least {tokens:,} tokens. {advice}", param=param,
+                    code="context_length_exceeded")
+
+
 # ---- response bodies (for /openapi.json; the tests validate real responses against them) -----------------------
 class ErrorDetail(BaseModel):
     message: str

@@ -57,7 +57,8 @@ def test_a_long_prompt_is_encoded_without_stalling_the_other_requests(server):
 
     def post_long_prompt():
         started = time.monotonic()
-        result["response"] = httpx.post(f"{server.url}/v1/completions", json={"prompt": prompt}, timeout=120)
+        result["response"] = httpx.post(f"{server.url}/v1/completions", timeout=120, json={
+            "prompt": prompt, "truncate_prompt_tokens": 64, "max_tokens": 1})  # so the whole text is encoded
         result["seconds"] = time.monotonic() - started
 
     sender = threading.Thread(target=post_long_prompt)
@@ -69,6 +70,12 @@ def test_a_long_prompt_is_encoded_without_stalling_the_other_requests(server):
         waits.append(time.monotonic() - started)
         time.sleep(0.05)
     sender.join()
-    assert result["response"].json()["error"]["code"] == "context_length_exceeded"
+    assert result["response"].json()["usage"]["prompt_tokens"] == 64
     assert result["seconds"] > 1.0  # the encoding was real work (about 3.4M tokens)
     assert max(waits) < result["seconds"] / 3, (max(waits), result["seconds"])
+    # not asked to truncate, the same text is refused on its length alone: 16 characters at most per token
+    refused = httpx.post(f"{server.url}/v1/completions", json={"prompt": prompt}, timeout=120).json()["error"]
+    assert refused["code"] == "context_length_exceeded" and "at least 493,750 tokens" in refused["message"]
+    chat = httpx.post(f"{server.url}/v1/chat/completions", timeout=120, json={
+        "messages": [{"role": "user", "content": prompt}], "max_tokens": 1}).json()["error"]
+    assert chat["param"] == "messages" and "is at least" in chat["message"]

@@ -395,6 +395,23 @@ def test_context_overflow_quotes_the_numbers(server):
     assert "512" in error["message"] and "520" in error["message"] and "500 in the prompt" in error["message"]
 
 
+def test_texts_too_long_whatever_their_tokens_are_refused_before_encoding(server):
+    """A byte per token: 600 characters are at least 600 tokens, over the 512-token context whatever they are.
+    Only the length check says "at least"; asked to truncate, the server encodes the whole text. (Chat's check:
+    tests/test_default_model_server.py, whose model has a chat template.)"""
+    with server.client() as client:
+        prompt = client.post("/v1/completions", json={"prompt": "é" * 600, "max_tokens": 1}).json()["error"]
+        embedding = client.post("/v1/embeddings", json={"input": ["short", "y" * 600]}).json()["error"]
+        truncated = client.post("/v1/completions", json={"prompt": "x" * 600, "truncate_prompt_tokens": 100,
+                                                         "max_tokens": 1})
+        chunked = client.post("/v1/embeddings", json={"input": "y" * 600, "chunking": {"size": 256}})
+    assert prompt["param"] == "prompt" and "600 characters is at least 600 tokens" in prompt["message"]
+    assert embedding["param"] == "input" and "chunking of input 1" in embedding["message"]
+    assert all(e["code"] == "context_length_exceeded" for e in (prompt, embedding))
+    assert truncated.status_code == 200 and truncated.json()["usage"]["prompt_tokens"] == 100
+    assert chunked.status_code == 200 and chunked.json()["usage"]["prompt_tokens"] == 600
+
+
 def test_malformed_bodies_keys_and_sizes(server):
     with server.client() as client:
         invalid_utf8 = client.post("/v1/completions", content=b'{"prompt": "\xff\xfe"}',

@@ -1,8 +1,20 @@
 """Byte and SentencePiece tokenizers, and which one a checkpoint directory selects."""
 
+import ast
+from pathlib import Path
+
 import sentencepiece
 
 from model.tokenizer import ByteTokenizer, SentencePieceTokenizer, load_tokenizer
+
+
+def small_vocabulary(directory: Path, model_type: str):
+    """A 40-piece SentencePiece model (no byte fallback) trained in `directory`, loaded as a checkpoint's."""
+    corpus = directory / "corpus.txt"
+    corpus.write_text("\n".join(f"the quick brown fox {i} jumps over the lazy dog" for i in range(200)))
+    sentencepiece.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(directory / "spiece"),
+                                             vocab_size=40, model_type=model_type, minloglevel=2)
+    return load_tokenizer(directory)
 
 
 def test_bytes_follow_the_enwik8_convention():
@@ -14,11 +26,7 @@ def test_bytes_follow_the_enwik8_convention():
 
 
 def test_sentencepiece_model_in_a_checkpoint_directory(tmp_path):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(f"the quick brown fox {i} jumps over the lazy dog" for i in range(200)))
-    sentencepiece.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "spiece"),
-                                             vocab_size=40, model_type="unigram", minloglevel=2)
-    tokenizer = load_tokenizer(tmp_path)
+    tokenizer = small_vocabulary(tmp_path, "unigram")
     assert isinstance(tokenizer, SentencePieceTokenizer)
     ids = tokenizer.encode("the lazy fox")
     assert all(0 <= i < tokenizer.vocab_size for i in ids) and tokenizer.decode(ids) == "the lazy fox"
@@ -40,3 +48,21 @@ def test_token_text_and_bytes_are_what_each_token_stands_for():
     byte = ByteTokenizer()
     assert [byte.token_text(i) for i in byte.encode("aé")] == ["a", "bytes:\\xc3", "bytes:\\xa9"]
     assert b"".join(byte.token_bytes(i) for i in byte.encode("aé")) == "aé".encode()
+
+
+def test_fewest_tokens_is_a_bound_that_encoding_never_beats():
+    """The bound a server refuses long texts by: never above the real count, and reached by the widest piece."""
+    subwords = load_tokenizer("model/default")
+    texts = ["", "x", " " * 1600, "\n" * 500, "assertIsInstance" * 40, "é😀\t" * 300,
+             Path(ast.__file__).read_text(), Path(sentencepiece.__file__).read_text()]
+    for tokenizer in (subwords, ByteTokenizer()):
+        for text in texts:
+            assert tokenizer.fewest_tokens(text) <= len(tokenizer.encode(text)), (tokenizer, text[:20])
+    assert subwords.fewest_tokens(" " * 1600) == len(subwords.encode(" " * 1600)) == 100  # 16-space pieces
+    assert ByteTokenizer().fewest_tokens("é" * 10) == 10
+
+
+def test_fewest_tokens_makes_no_claim_for_a_vocabulary_without_byte_pieces(tmp_path):
+    """Without byte fallback an unknown piece may stand for any run of text: the bound is one token."""
+    tokenizer = small_vocabulary(tmp_path, "bpe")
+    assert tokenizer.fewest_tokens("zzzzzzzz" * 100) == 1 and tokenizer.fewest_tokens("") == 0
