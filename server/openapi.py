@@ -25,6 +25,8 @@ def document(app: FastAPI, title: str, version: str) -> None:
             schema = get_openapi(title=title, version=version, routes=app.routes,
                                  description="OpenAI-compatible completions, chat completions and embeddings "
                                              "served by a Reformer.")
+            for methods in schema["paths"].values():
+                methods.pop("head", None)  # the GET beside it says it all (and would repeat its operationId)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             error = _reference(ErrorResponse, components)
             for path, (request_model, response_model) in POST_BODIES.items():

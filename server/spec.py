@@ -55,15 +55,16 @@ class OpenAISpec(LitSpec):
         self.shared = shared
         self.api_path = "/v1/completions"  # the name of LitServe's request queue for this API
         self._process_state = {}
+        READ = ["GET", "HEAD"]  # HTTP: what answers GET answers HEAD (load balancers' probes send it)
         for path, handler, methods in [
             ("/v1/completions", CompletionsRoute(self).handle, ["POST"]),
             ("/v1/chat/completions", ChatRoute(self).handle, ["POST"]),
             ("/v1/embeddings", EmbeddingsRoute(self).handle, ["POST"]),
-            ("/v1/models", self.models, ["GET"]), ("/v1/models/{model_id:path}", self.model, ["GET"]),
+            ("/v1/models", self.models, READ), ("/v1/models/{model_id:path}", self.model, READ),
             ("/tokenize", self.tokenize, ["POST"]),
-            ("/detokenize", self.detokenize, ["POST"]), ("/health", self.health, ["GET"]),
-            ("/ready", self.ready, ["GET"]), ("/metrics", self.metrics_route, ["GET"]),
-            ("/info", self.info_route, ["GET"])]:
+            ("/detokenize", self.detokenize, ["POST"]), ("/health", self.health, READ),
+            ("/ready", self.ready, READ), ("/metrics", self.metrics_route, READ),
+            ("/info", self.info_route, READ)]:
             self.add_endpoint(path, handler, methods)
 
     def __getstate__(self):

@@ -428,6 +428,11 @@ def test_unknown_routes_and_methods_answer_openai_errors(server):
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
     assert wrong.headers["allow"] == "POST"
+    for path in ("/health", "/ready", "/v1/models", "/metrics"):  # probes and load balancers send HEAD
+        head = httpx.head(f"{server.url}{path}", headers=server.headers, timeout=10)
+        assert head.status_code == 200 and head.content == b"", path
+    allowed = httpx.post(f"{server.url}/health", timeout=10).headers["allow"]
+    assert set(allowed.split(", ")) == {"GET", "HEAD"}
 
 
 def test_openapi_documents_every_post_body_and_docs_need_no_internet(server):
@@ -443,6 +448,8 @@ def test_openapi_documents_every_post_body_and_docs_need_no_internet(server):
         answer = schema["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
         assert answer["$ref"].endswith(f"/{name}") and schema["components"]["schemas"][name]["properties"]
     assert "id" in schema["components"]["schemas"]["ModelObject"]["required"]
+    operations = [operation["operationId"] for methods in schema["paths"].values() for operation in methods.values()]
+    assert len(operations) == len(set(operations))  # code generators name a method after each
     for name in ("CompletionRequest", "ChatCompletionRequest", "EmbeddingRequest", "StreamOptions"):
         request = schema["components"]["schemas"][name]  # null asks for the default, as in OpenAI's schema
         optional = set(request["properties"]) - set(request.get("required", ()))
