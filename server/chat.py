@@ -59,13 +59,18 @@ class ChatRoute(GenerationRoute):
 
     def _generation(self, body: ChatCompletionRequest, timeout: float, arrival: float):
         spec = self.spec
-        if body.tools and body.tool_choice != "none":
-            raise protocol.unsupported("tools", "this model does not call tools")
-        if not body.tools and body.tool_choice not in (None, "none", "auto"):  # "auto" without tools is text
-            raise APIError(400, "'tool_choice' asks for a tool call, but 'tools' names no tool.",
-                           param="tool_choice", code="invalid_value")
+        for tools, choice in (("tools", "tool_choice"), ("functions", "function_call")):
+            if getattr(body, tools) and getattr(body, choice) != "none":
+                raise protocol.unsupported(tools, "this model does not call tools")
+            if not getattr(body, tools) and getattr(body, choice) not in (None, "none", "auto"):  # auto: text
+                raise APIError(400, f"'{choice}' asks for a tool call, but '{tools}' names no tool.",
+                               param=choice, code="invalid_value")
         if body.response_format and body.response_format.get("type") not in (None, "text"):
             raise protocol.unsupported("response_format", "only text is produced")
+        if body.audio is not None or set(body.modalities or ()) - {"text"}:
+            raise protocol.unsupported("audio" if body.audio is not None else "modalities", "only text is produced")
+        if body.web_search_options is not None:
+            raise protocol.unsupported("web_search_options", "this server does not search the web")
         for index, message in enumerate(body.messages):
             message.check(index)
         text = self._render(body)

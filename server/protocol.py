@@ -98,6 +98,7 @@ class StreamOptions(_Strict):
     include_usage: StrictBool = False  # a last chunk with the usage
     continuous_usage_stats: StrictBool = False  # usage so far on every chunk (vLLM)
     include_progress: StrictBool = False  # extension: ": prefill k/n layers" comments while a long prompt is read
+    include_obfuscation: StrictBool = False  # OpenAI's padding against length side channels: none is added here
 
 
 TokenId = Annotated[StrictInt, Field(ge=0)]
@@ -240,16 +241,27 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     add_generation_prompt: StrictBool = True  # vLLM
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM: extra variables for the template
-    # Accepted when they ask for nothing this server lacks:
+    # Accepted when they ask for nothing this server lacks (`ChatRoute` refuses the rest by name):
     tools: list | None = None
     tool_choice: Any = None
+    functions: list | None = None  # OpenAI's older names for tools and tool_choice
+    function_call: Any = None
     parallel_tool_calls: StrictBool | None = None
     response_format: dict[str, Any] | None = None
-    # OpenAI's bookkeeping, accepted and ignored: this server stores no completions and has one service tier.
+    modalities: list[StrictStr] | None = None
+    audio: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    # Hints for models that reason, talk at length or reuse predicted text, and OpenAI's bookkeeping: accepted
+    # and ignored (this model does not reason; it stores no completions and has one service tier).
+    reasoning_effort: StrictStr | None = None
+    verbosity: StrictStr | None = None
+    prediction: dict[str, Any] | None = None
     store: StrictBool | None = None
     metadata: Annotated[dict[StrictStr, Annotated[StrictStr, Field(max_length=512)]],
                         Field(max_length=16)] | None = None
-    service_tier: Literal["auto", "default"] | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+    prompt_cache_key: StrictStr | None = None
+    safety_identifier: StrictStr | None = None
 
 
 class Chunking(_Strict):

@@ -192,8 +192,20 @@ def test_chat_refuses_by_name_what_it_cannot_read_or_do(server):
     cached = chat([{"role": "developer", "content": [{"type": "text", "text": "hi",
                                                      "cache_control": {"type": "ephemeral"}}]}], tool_choice="auto")
     bookkept = chat([{"role": "developer", "content": "hi"}], store=False, metadata={"app": "demo"},
-                    service_tier="auto")  # OpenAI's bookkeeping fields ask for nothing a reply would show
-    assert plain.status_code == cached.status_code == bookkept.status_code == 200, bookkept.text
+                    service_tier="flex", prompt_cache_key="k", safety_identifier="u1", reasoning_effort="low",
+                    verbosity="low", prediction={"type": "content", "content": "hello"}, modalities=["text"],
+                    function_call="auto", stream_options=None)  # OpenAI's fields that ask for nothing visible
+    obfuscated = chat([{"role": "developer", "content": "hi"}], stream=True,
+                      stream_options={"include_usage": True, "include_obfuscation": False})
+    assert plain.status_code == cached.status_code == bookkept.status_code == obfuscated.status_code == 200, \
+        bookkept.text
+    assert bookkept.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
+    refusals = {"functions": {"functions": [{"name": "f", "parameters": {}}]},
+                "function_call": {"function_call": {"name": "f"}}, "audio": {"audio": {"voice": "alloy"}},
+                "modalities": {"modalities": ["text", "audio"]}, "web_search_options": {"web_search_options": {}}}
+    for param, fields in refusals.items():
+        refused = chat([{"role": "user", "content": "hi"}], **fields)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param, refused.text
     assert cached.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
 
 
