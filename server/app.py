@@ -14,10 +14,7 @@ import sys
 import time
 from contextlib import asynccontextmanager
 
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from . import __version__, lifecycle, metrics, openapi, security
+from . import __version__, error_bodies, lifecycle, metrics, openapi, security
 from .capacity import CacheTooSmall, plan_cache
 from .http_limits import guarded_protocol
 from .request_ids import RequestIdMiddleware
@@ -58,22 +55,11 @@ def build_server(settings: ServerSettings):
     server.uvicorn_graceful_timeout = lifecycle.UVICORN_GRACE  # LitServe's 30 s would outlast any drain budget
     server.monitor_internal = 0.5  # how often LitServe looks for a dead worker to restart (its default: 2 s)
     _take_signals_in_http_processes(server, shared)
-    server.app.add_exception_handler(StarletteHTTPException, _openai_error)
+    error_bodies.install(server.app)
     openapi.document(server.app, title="Reformer inference server", version=__version__)
     security.secure(server.app, settings.api_key, settings.cors_allow_origin or [])
     server.app.add_middleware(RequestIdMiddleware)  # added last, so it runs first: refusals carry the id too
     return server, shared, metrics_dir if made else None
-
-
-async def _openai_error(request, error: StarletteHTTPException):
-    """Unknown routes (404) and wrong methods (405) answer OpenAI error bodies too."""
-    from .protocol import APIError
-
-    codes = {404: "not_found", 405: "method_not_allowed"}
-    message = {404: f"No route {request.url.path}.", 405: f"{request.method} is not allowed on {request.url.path}."}
-    body = APIError(error.status_code, message.get(error.status_code, str(error.detail)),
-                    code=codes.get(error.status_code)).body()
-    return JSONResponse(body, status_code=error.status_code, headers=getattr(error, "headers", None))
 
 
 def _take_signals_in_http_processes(server, shared: lifecycle.SharedState) -> None:

@@ -54,6 +54,7 @@ class ChatRoute(GenerationRoute):
                                     "/v1/completions, or start the server with --chat-template FILE.",
                                param="messages", code="chat_template_missing")
             environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            environment.globals["raise_exception"] = _refuse  # what Hugging Face templates call to refuse
             self._template = environment.from_string(source)
         return self._template
 
@@ -103,8 +104,15 @@ class ChatRoute(GenerationRoute):
                     for message in body.messages]
         variables = {"bos_token": "", "eos_token": "", **(body.chat_template_kwargs or {}), "messages": messages,
                      "add_generation_prompt": body.add_generation_prompt}
+        template = self.template()
         try:
-            return self.template().render(**variables)
-        except TemplateError as error:
-            raise APIError(400, f"The chat template could not render these messages: {error}", param="messages",
+            # Passed as one mapping: a chat_template_kwargs key named "self" would collide with render's own
+            return template.render(variables)
+        except Exception as error:  # noqa: BLE001 - the template is fixed: what fails is these messages or kwargs
+            reason = str(error) if isinstance(error, TemplateError) else f"{type(error).__name__}: {error}"
+            raise APIError(400, f"The chat template could not render these messages: {reason}", param="messages",
                            code="invalid_value") from None
+
+
+def _refuse(message: str):
+    raise TemplateError(message)

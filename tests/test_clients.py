@@ -14,8 +14,11 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 
 from model import ByteTokenizer, SamplingParams, generate, load_model
+from server import error_bodies
 from server.generation import ChoiceState, Prompt, best_of
 from server.protocol import ChatCompletionChunk, ChatCompletionResponse, CompletionResponse, EmbeddingResponse
 from tests.server_harness import API_KEY, RunningServer, tiny_checkpoint
@@ -148,6 +151,45 @@ def test_chat_without_a_template_is_a_clear_400(checkpoint, tmp_path):
         bare.stop()
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "chat_template_missing"
+
+
+def test_a_chat_template_refuses_or_fails_with_a_400_that_says_why(tmp_path):
+    """Hugging Face templates refuse a conversation with raise_exception(message); kwargs that break the
+    template (a number added to text) are the request's fault; a kwarg named like render's own arguments
+    ("self") is one more variable."""
+    template = tmp_path / "strict.jinja"
+    template.write_text("{% if messages[0].role != 'user' %}{{ raise_exception('Start with a user message.') }}"
+                        "{% endif %}{{ greeting + messages[0].content }}\n<assistant>")
+    strict = RunningServer(tiny_checkpoint(tmp_path / "strict"), "--chat-template", str(template), api_key=None)
+
+    def chat(messages, **kwargs):
+        return httpx.post(f"{strict.url}/v1/chat/completions", timeout=30, json={
+            "messages": messages, "max_tokens": 2, "chat_template_kwargs": kwargs})
+
+    try:
+        fine = chat([{"role": "user", "content": "hi"}], greeting="hello ", self=1)
+        refused = chat([{"role": "system", "content": "hi"}], greeting="hello ")
+        broken = chat([{"role": "user", "content": "hi"}], greeting=5)
+    finally:
+        strict.stop()
+    assert fine.status_code == 200, fine.text
+    assert refused.status_code == 400 and "Start with a user message." in refused.json()["error"]["message"]
+    assert broken.status_code == 400 and "TypeError" in broken.json()["error"]["message"]
+    assert refused.json()["error"]["param"] == broken.json()["error"]["param"] == "messages"
+
+
+def test_a_defect_still_answers_an_openai_error_body():
+    """No request should reach it; one that does gets JSON a client can read, not a text/plain 500."""
+    app = FastAPI()
+    error_bodies.install(app)
+
+    @app.get("/broken")
+    def broken():
+        raise RuntimeError("a defect")
+
+    response = TestClient(app, raise_server_exceptions=False).get("/broken")
+    assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
+    assert response.json()["error"]["type"] == "server_error"
 
 
 def test_benchmark_clients_may_send_both_names_of_the_completion_limit(server):
