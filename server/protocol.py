@@ -175,7 +175,7 @@ class SamplingFields(_Strict):
                 seed=seed, stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
                 logprobs=logprobs, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                 repetition_penalty=self.repetition_penalty, logit_bias=bias, min_p=self.min_p,
-                min_tokens=min(self.min_tokens, max_tokens),
+                min_tokens=self.min_tokens,
                 allowed_token_ids=tuple(self.allowed_token_ids) if self.allowed_token_ids is not None else None)
             params.validate(vocab_size, eos_token_id)
             return params

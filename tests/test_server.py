@@ -343,6 +343,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "stop_token_ids": [999]}, 400, "stop_token_ids"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"999": 1}, "stream": True}, 400, "logit_bias"),
     ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2, "min_tokens": 5}, 400, "min_tokens"),  # not clipped
     ("/v1/completions", {"prompt": "x", "logprobs": 50}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("/v1/completions", {"prompt": [1, 2, 9999]}, 400, "prompt"),
