@@ -47,7 +47,8 @@ class EmbeddingsRoute:
             return APIError(499, "The request was cancelled.", code="cancelled").response()
         spec.metrics.prompt_tokens.inc(tokens)
         spec.metrics.e2e.observe(time.monotonic() - arrival)
-        return JSONResponse(self._body(body, result.vectors, spans, tokens))
+        # Thousands of vectors make megabytes of JSON (a second's work): off the event loop, where streams wait
+        return await asyncio.to_thread(self._response, body, result.vectors, spans, tokens)
 
     def _documents(self, body: EmbeddingRequest) -> tuple[list[list[int]], Spans]:
         """Token lists to embed, and for each input the token spans of its chunks."""
@@ -130,6 +131,9 @@ class EmbeddingsRoute:
             raise APIError(400, f"These inputs make {tokens} tokens after chunking; this server admits at most "
                                 f"{queue} tokens at once (--max-queued-tokens), so it can never be served.",
                            param="input", code="exceeds_queue_limit")
+
+    def _response(self, body: EmbeddingRequest, vectors: np.ndarray, spans: Spans, tokens: int) -> JSONResponse:
+        return JSONResponse(self._body(body, vectors, spans, tokens))  # renders the JSON as it is made
 
     def _body(self, body: EmbeddingRequest, vectors: np.ndarray, spans: Spans, tokens: int) -> dict:
         data, row = [], 0
