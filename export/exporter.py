@@ -20,6 +20,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from model.blocks import blocks_for
 from model.checkpoint import WEIGHTS
 from model.decode import BLOCK_SIZE, Decoder
 from model.reformer import ReformerLM
@@ -63,11 +64,14 @@ def _check(path: Path) -> onnx.ModelProto:
 def export_model(model: ReformerLM, out: str | Path, *, slots: int, max_length: int, tail_capacity: int = 64,
                  cache_blocks: int | None = None, block_size: int = BLOCK_SIZE, source: str | Path | None = None,
                  progress: Callable[[str], None] = print) -> dict:
-    """Write the graphs and manifest.json into `out`; returns the manifest."""
+    """Write the graphs and manifest.json into `out`; returns the manifest. Without `cache_blocks`, every slot
+    can reach `max_length` at once: the pool a server plans when its cache budget holds that much."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     config = model.config
+    if cache_blocks is None:  # written as a number, as the server's plan writes it, so the two can match
+        cache_blocks = slots * blocks_for(max_length, block_size) if "lsh" in config.attn_layers else 0
     manifest = {"format": FORMAT, "opset": OPSET, "dtype": str(model.dtype).removeprefix("torch."),
                 "config": config.to_dict(), "graphs": {}, "torch": torch.__version__,
                 "pool": {"slots": slots, "max_length": max_length, "tail_capacity": tail_capacity,

@@ -128,18 +128,22 @@ class ReformerAPI(ls.LitAPI):
         settings = self.settings
         pool = {"slots": slots, "max_length": max_length, "tail_capacity": settings.tail_capacity,
                 "cache_blocks": self.cache.blocks, "block_size": self.cache.block_size}
+        dtype = str(model.dtype).removeprefix("torch.")
         directory = Path(settings.onnx_dir or Path.home() / ".cache" / "reformer-server" / "onnx" /
-                         f"{settings.model_name}-{slots}x{max_length}-{str(model.dtype).removeprefix('torch.')}")
+                         f"{settings.model_name}-{slots}x{max_length}-{dtype}")
         manifest = directory / "manifest.json"
         written = json.loads(manifest.read_text()) if manifest.exists() else {}
-        if written.get("pool") != pool or written.get("format") != FORMAT:
+        if written.get("pool") != pool or written.get("format") != FORMAT or written.get("dtype") != dtype:
+            found = "none" if not written else \
+                f"graphs for {written.get('pool')} in {written.get('dtype')} ({written.get('format')})"
+            wanted = f"this server needs {pool} in {dtype} ({FORMAT})"
             try:  # the exporter is an extra: serving exported graphs needs onnxruntime only
                 from export.exporter import export_model
             except ImportError as missing:
-                raise RuntimeError(f"no ONNX graphs for this pool in {directory}, and the exporter is not installed "
+                raise RuntimeError(f"{directory} holds {found}; {wanted}, and the exporter is not installed "
                                    f"({missing}): pip install -e '.[export]', or write them with python -m export "
-                                   "and pass --onnx-dir") from None
-            log.info("exporting ONNX graphs to %s", directory)
+                                   "(its --slots, --max-length, --cache-blocks, --dtype) and pass --onnx-dir") from None
+            log.info("exporting ONNX graphs to %s: it holds %s; %s", directory, found, wanted)
             export_model(model.cpu() if device != "cpu" else model, directory, source=settings.model_path,
                          progress=log.info, **pool)
             model.to(device)

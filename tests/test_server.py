@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 import threading
 import time
 
@@ -475,8 +477,10 @@ def test_stream_lines_survive_clients_that_split_on_unicode_separators(server):
 # ---- the onnxruntime backend ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def onnx_server(checkpoint, tmp_path_factory):
+    graphs = tmp_path_factory.mktemp("graphs")
     running = RunningServer(checkpoint, "--backend", "onnx", "--max-running", "4", "--max-model-len", "512",
-                            "--onnx-dir", str(tmp_path_factory.mktemp("graphs")))
+                            "--onnx-dir", str(graphs))
+    running.graphs = graphs
     yield running
     running.stop()
 
@@ -499,3 +503,14 @@ def test_onnx_backend_serves_the_same_completions_and_embeddings(onnx_server, lo
     assert np.allclose([d["embedding"] for d in vectors["data"]], reference, atol=1e-4)
     assert info["backend"] == "onnx" and info["execution_provider"] == "CPUExecutionProvider"
     assert 'reformer:info{backend="onnx",device="CPUExecutionProvider"' in httpx.get(f"{onnx_server.url}/metrics").text
+
+
+def test_graphs_from_python_m_export_are_the_ones_a_server_with_that_pool_uses(onnx_server, checkpoint, tmp_path):
+    """The server exported its graphs at start-up; `python -m export` with the same slots and length writes a
+    manifest its check accepts (pool, dtype, format), so a server given those graphs exports nothing."""
+    subprocess.run([sys.executable, "-m", "export", "--model", str(checkpoint), "--out", str(tmp_path),
+                    "--slots", "4", "--max-length", "512"], check=True, capture_output=True, timeout=600)
+    served = json.loads((onnx_server.graphs / "manifest.json").read_text())
+    written = json.loads((tmp_path / "manifest.json").read_text())
+    assert {key: written[key] for key in ("pool", "dtype", "format")} == \
+        {key: served[key] for key in ("pool", "dtype", "format")}
