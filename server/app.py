@@ -86,7 +86,8 @@ def run(settings: ServerSettings) -> None:
              settings.model_path, settings.resolved_device(), settings.backend, settings.host, settings.port)
     supervisor = lifecycle.Supervisor(server, shared, settings.drain_timeout)
     supervisor.install()
-    protocol = guarded_protocol(header_timeout=settings.header_timeout, max_connections=settings.max_connections)
+    protocol = guarded_protocol(header_timeout=settings.header_timeout, max_connections=settings.max_connections,
+                                max_header_bytes=settings.max_header_bytes)
     try:
         server.run(host=settings.host, port=settings.port, num_api_servers=settings.api_servers,
                    generate_client_file=False, log_level=settings.log_level.lower(), timeout_keep_alive=30,

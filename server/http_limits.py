@@ -1,8 +1,9 @@
 """Connection-level limits for a server that may face clients directly, with no proxy in front.
 
 uvicorn's h11 protocol, with:
-- a cap on request headers (`--max-header-bytes`; h11 answers 400 and closes beyond it), where the
-  httptools parser would read a 60 MB header whole before anything could refuse it;
+- a cap on request headers (`--max-header-bytes`: 400 and the connection closed beyond it), counted here
+  as the bytes arrive: h11's own cap only looks at headers still incomplete, so a larger block that
+  arrived whole passed it (the httptools parser would read a 60 MB header whole before anything refused it);
 - a deadline for a request's headers (`--header-timeout`), counted from the connection or from its first
   byte after the previous response: a client that opens connections and never finishes a request
   (slowloris) has them closed instead of holding them for good;
@@ -14,16 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger(__name__)
+HEAD_END = re.compile(rb"\r?\n\r?\n")  # h11 accepts bare newlines too
+TOO_LARGE = b"Request headers too large."
 
 
-def guarded_protocol(*, header_timeout: float, max_connections: int) -> type[H11Protocol]:
+def guarded_protocol(*, header_timeout: float, max_connections: int, max_header_bytes: int) -> type[H11Protocol]:
     class GuardedH11Protocol(H11Protocol):
         _header_deadline: asyncio.TimerHandle | None = None
+        _head_bytes = 0  # of the request whose headers are being read
+        _head_tail = b""  # its last bytes, in case the blank line that ends the headers is split between reads
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -35,6 +41,12 @@ def guarded_protocol(*, header_timeout: float, max_connections: int) -> type[H11
             self._expect_headers()
 
         def data_received(self, data: bytes) -> None:
+            if self.conn.their_state is h11.IDLE and self._head_too_large(data):
+                log.info("closing a connection whose request headers passed --max-header-bytes %d", max_header_bytes)
+                self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                                     b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(TOO_LARGE), TOO_LARGE))
+                self.transport.close()
+                return
             super().data_received(data)
             if self.conn.their_state is h11.IDLE:  # still reading a request's headers
                 self._expect_headers()
@@ -44,6 +56,18 @@ def guarded_protocol(*, header_timeout: float, max_connections: int) -> type[H11
         def on_response_complete(self) -> None:
             super().on_response_complete()  # arms uvicorn's keep-alive timeout for the idle connection
             self._headers_arrived()
+            self._head_bytes, self._head_tail = 0, b""  # the next request's headers count from zero
+
+        def _head_too_large(self, data: bytes) -> bool:
+            joined = self._head_tail + data
+            end = HEAD_END.search(joined)
+            if end is None:
+                self._head_bytes += len(data)
+                self._head_tail = joined[-3:]
+                return self._head_bytes > max_header_bytes
+            length = self._head_bytes + end.end() - len(self._head_tail)
+            self._head_bytes, self._head_tail = 0, b""  # complete: what follows is the body
+            return length > max_header_bytes
 
         def connection_lost(self, exc) -> None:
             self._headers_arrived()

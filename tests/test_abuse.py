@@ -129,6 +129,33 @@ def test_oversized_headers_are_refused_without_delaying_others(server):
     assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
 
 
+def test_headers_over_the_cap_are_refused_even_when_they_arrive_whole(server):
+    """h11's own cap looks only at headers still incomplete: 20 KB sent in one write passed a 16 KiB cap. The
+    count holds across writes and starts again for the next request on a kept-alive connection."""
+    def answer(writes: list[bytes]) -> bytes:
+        sock = raw_connection(server)
+        for data in writes:
+            sock.sendall(data)
+            time.sleep(0.05)
+        received = b""
+        sock.settimeout(10)
+        while b"\r\n\r\n" not in received and (chunk := sock.recv(65536)):
+            received += chunk
+        sock.close()
+        return received
+
+    def request(padding: int, end: bytes = b"\r\n\r\n") -> bytes:
+        return b"GET /health HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"p" * padding + end
+
+    whole = request(20_000)
+    assert answer([whole]).startswith(b"HTTP/1.1 400")
+    assert answer([whole[:9_000], whole[9_000:]]).startswith(b"HTTP/1.1 400")
+    assert answer([request(20_000, b"\n\n")]).startswith(b"HTTP/1.1 400")
+    assert answer([request(12_000)]).startswith(b"HTTP/1.1 200")
+    with httpx.Client(base_url=server.url, timeout=10) as client:  # one connection, two requests under the cap
+        assert [client.get("/health", headers={"X-Padding": "p" * 12_000}).status_code for _ in range(2)] == [200, 200]
+
+
 def test_connections_that_never_finish_their_headers_are_closed(server):
     silent, partial = raw_connection(server), raw_connection(server)
     partial.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
