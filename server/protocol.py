@@ -1,6 +1,7 @@
 """The OpenAI API shape: request schemas, their validation into engine requests, errors, response bodies.
 
-Every parameter is either honoured or refused with a 400 that names it; nothing is silently dropped.
+Every parameter is honoured or refused with a 400 that names it, except the few OpenAI hints and bookkeeping
+fields listed on `ChatCompletionRequest` that this model has nothing to do with (reasoning_effort, store, ...).
 """
 
 from __future__ import annotations

@@ -173,6 +173,7 @@ def test_probes_grace_and_compose_fit_the_drain():
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert container["startupProbe"]["httpGet"]["path"] == "/ready"  # the model is loaded and warm
     # A signal ends the server within the drain timeout plus the shutdown's fixed steps; the platform must
     # wait that long before its SIGKILL (tests/test_lifecycle.py measures the real time against the same sum).
     assert pod["terminationGracePeriodSeconds"] >= int(env["REFORMER_DRAIN_TIMEOUT"]) + SHUTDOWN_OVERHEAD
