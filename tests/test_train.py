@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from training.evaluate import byte_bits, compressor_bits, lines_before_syntax_error, python_lines
-from training.model_card import schedule_changes
+from training.model_card import _target, schedule_changes
 from model import load_model
 from training import corpus
 from model.attention import LSHSelfAttention
@@ -168,6 +168,12 @@ def test_the_model_card_finds_where_a_runs_schedule_was_shortened_or_restarted()
     bent += [{"step": step + 1, "lr": learning_rate(step, restart, seconds=60 * (152 + step - 900))}
              for step in range(900, 1000)]
     assert [(step, after > before) for step, before, after in schedule_changes(bent)] == [(501, False), (901, True)]
+
+
+def test_the_model_card_says_whether_its_target_is_met():
+    result = {"model_bpb": 1.464, "compressors_bpb": {"bz2 -9": 1.368, "xz -9e": 1.286}}
+    assert "bz2 -9's figure (1.368): **missed by 0.096**" in _target(result, {"device": "cpu"})
+    assert _target({**result, "model_bpb": 1.0}, {"device": "cuda:0"}).endswith("(1.093): met.")
 
 
 def test_short_steps_read_many_short_windows_and_every_nth_step_the_whole_context():
