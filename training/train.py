@@ -119,7 +119,8 @@ PRESETS = {
 # second session ran short of time; the schedule is per step, so each change only bent the learning-rate curve.
 # v4 continued v3's checkpoint with `--resume --minutes 280`: the schedule then follows the clock from v3's 152
 # recorded minutes, so the rate restarted at about half the peak and fell to a tenth of it by minute 280; v5
-# continued v4's the same way with `--minutes 385`, restarting at a quarter of the peak.)
+# continued v4's the same way with `--minutes 385`, restarting at a quarter of the peak; v6 continued v5's with
+# `--minutes 490`, restarting at a fifth.)
 PRESETS["cpu"] = (PRESETS["cpu-sp"][0], dataclasses.replace(PRESETS["cpu-sp"][1], minutes=55.0, steps=1_000_000,
                                                             warmup=20, eval_every=100))
 PRESETS["cpu-long"] = (PRESETS["cpu-sp"][0], dataclasses.replace(PRESETS["cpu-sp"][1], steps=1300, warmup=40,
