@@ -32,6 +32,8 @@ def create_session(path: str | Path, device: str) -> ort.InferenceSession:
     # Idle threads sleep instead of spinning: the server's HTTP process and torch share these cores.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     cuda = device.startswith("cuda")
+    if not cuda:
+        options.intra_op_num_threads = torch.get_num_threads()  # the process's budget, as the server set it
     if cuda:
         # CUDA only, and no silent fallback: a GPU server must not quietly run its graphs on the CPU.
         options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 
 import litserve as ls
 import torch
@@ -95,7 +94,7 @@ class ReformerAPI(ls.LitAPI):
         worker_signals(self.shared)
         settings = self.settings
         if device == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 2)))
+            torch.set_num_threads(settings.model_threads)  # onnxruntime's CPU sessions take the same
         model = load_model(settings.model_path)
         dtype = serving_dtype(device)
         model = model.to(device=device, dtype=dtype).eval()
@@ -112,8 +111,9 @@ class ReformerAPI(ls.LitAPI):
                              tail_capacity=settings.tail_capacity, cache_blocks=self.cache.blocks, metrics=metrics,
                              decoder=decoder, embedder=embedder)
         self._warm_up()
-        log.info("engine ready: %s on %s (%s), backend %s%s, %d decode slots of %d tokens", settings.model_name,
-                 device, str(dtype).removeprefix("torch."), settings.backend,
+        log.info("engine ready: %s on %s (%s%s), backend %s%s, %d decode slots of %d tokens", settings.model_name,
+                 device, str(dtype).removeprefix("torch."),
+                 f", {torch.get_num_threads()} threads" if device == "cpu" else "", settings.backend,
                  f" ({settings.execution_provider})" if settings.execution_provider else "", slots, max_length)
 
     def _onnx_backend(self, model, slots: int, max_length: int, device: str):

@@ -1,5 +1,6 @@
 """Deployment files, checked without a Docker engine: lint, Kubernetes schemas, and one install step."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -298,3 +299,17 @@ def test_settings_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("REFORMER_MAX_RUNNING", "many")
     with pytest.raises(SystemExit):
         parse_args([])
+
+
+def test_the_model_leaves_a_core_to_each_http_process_on_cpu(monkeypatch):
+    """With every core, the model's threads starved the event loop that streams its tokens (requests waited
+    seconds behind one stream on two cores)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))  # a container's cpuset of 8
+    assert parse_args([]).model_threads == 7
+    assert parse_args(["--api-servers", "3"]).model_threads == 5
+    assert parse_args(["--cpu-threads", "8"]).model_threads == 8  # the operator's choice wins
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert parse_args([]).model_threads == 1
+    assert parse_args(["--api-servers", "4"]).model_threads == 1
+    with pytest.raises(SystemExit):
+        parse_args(["--cpu-threads", "0"])

@@ -119,3 +119,15 @@ def test_cuda_provider_that_does_not_run_is_an_error(exported, tmp_path):
     _, graphs = exported
     with pytest.raises(RuntimeError, match="CUDA"):
         create_session(graphs.directory / "decode.onnx", "cuda")
+
+
+def test_cpu_sessions_take_the_threads_torch_was_given(exported):
+    """The server sets one thread budget for the model on CPU (`--cpu-threads`); the graphs keep to it."""
+    _, graphs = exported
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        session = create_session(graphs.directory / "decode.onnx", "cpu")
+        assert session.get_session_options().intra_op_num_threads == 1
+    finally:
+        torch.set_num_threads(before)

@@ -232,7 +232,7 @@ def test_sigint_to_the_process_group_drains_like_sigterm(checkpoint):
 
 
 def test_a_drain_that_runs_out_of_time_ends_streams_with_an_error_and_exits_on_time(checkpoint):
-    drain = 2.0
+    drain = 4.0
     running = RunningServer(checkpoint, "--drain-timeout", str(drain), "--max-queued-tokens", "1000", api_key=None)
     assert_never_fits(httpx.post(f"{running.url}/v1/completions", json={"prompt": "x" * 2000, "max_tokens": 1}),
                       "prompt", 1000)
@@ -243,7 +243,7 @@ def test_a_drain_that_runs_out_of_time_ends_streams_with_an_error_and_exits_on_t
     time.sleep(0.2)
     asked = time.monotonic()
     refused = httpx.post(f"{running.url}/v1/completions", json={"prompt": "late"}, timeout=5)
-    assert refused.status_code == 503 and time.monotonic() - asked < 1
+    assert refused.status_code == 503 and time.monotonic() - asked < drain / 2  # refused, not held to the end
     events = stream.join(30)
     assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "server_shutting_down"
     assert drain - 0.5 < stream.ended_at - signalled < drain + 2
