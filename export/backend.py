@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from model.decode import Decoder
-from model.embed import POOLINGS, length_groups, pool
+from model.embed import check_documents, length_groups, pool, pooled_tokens
 from model.reformer import ReformerLM, pad_batch
 
 from .runtime import ExportedModel
@@ -68,14 +68,15 @@ def run_prefill(exported: ExportedModel, config, ids: Tensor, mask: Tensor) -> l
 
 
 def embed_steps(exported: ExportedModel, config, device: torch.device, documents: Sequence[Sequence[int]], *,
-                pooling: str = "mean", max_batch_tokens: int = 65536) -> Iterator[None]:
+                pooling: str = "mean", max_batch_tokens: int = 65536,
+                contexts: Sequence[int] | None = None) -> Iterator[None]:
     """`model.embed.embed_steps` with the prefill graphs: yields after each group, returns (n, 2*hidden)."""
-    if pooling not in POOLINGS:
-        raise ValueError(f"'pooling' must be one of {POOLINGS}, got {pooling!r}")
+    check_documents(documents, contexts, pooling, config.max_positions)
     out = torch.empty(len(documents), 2 * config.hidden_size)
     for members, padded in length_groups([len(d) for d in documents], config.padded_length, max_batch_tokens):
         ids, mask = pad_batch([documents[i] for i in members], padded, config.pad_token_id, device)
         hidden = run_prefill(exported, config, ids, mask)[0]
-        out[members] = pool(hidden.float(), mask, pooling).cpu()
+        pooled = pooled_tokens(mask, None if contexts is None else [contexts[i] for i in members])
+        out[members] = pool(hidden.float(), pooled, pooling).cpu()
         yield
     return out

@@ -136,7 +136,7 @@ class Engine:
     def __init__(self, model: ReformerLM, tokenizer=None, *, max_running: int = 16, max_length: int | None = None,
                  prefill_batch_tokens: int = 65536, tail_capacity: int = 64, cache_blocks: int | None = None,
                  metrics=None, decoder: Decoder | None = None, embedder=None):
-        """`decoder` and `embedder(documents, pooling=, max_batch_tokens=)` default to torch's; the ONNX
+        """`decoder` and `embedder(documents, pooling=, max_batch_tokens=, contexts=)` default to torch's; the ONNX
         backend passes its own. Without a tokenizer, tokens carry no text and stop strings are refused."""
         self.model = model
         self.tokenizer = tokenizer
@@ -305,8 +305,9 @@ class Engine:
         if embeds:
             members, tokens = _take_within(self.waiting_embeds, self.prefill_batch_tokens, pooling=True)
             documents = [list(d) for job in members for d in job.request.documents]
+            contexts = [c for job in members for c in job.request.contexts or [0] * len(job.request.documents)]
             steps = self.embed_steps(documents, pooling=members[0].request.pooling,
-                                     max_batch_tokens=self.prefill_batch_tokens)
+                                     max_batch_tokens=self.prefill_batch_tokens, contexts=contexts)
             lengths = [len(d) for d in documents]
         else:
             def room(jobs):

@@ -42,6 +42,7 @@ class EmbedRequest:
     uid: str
     documents: tuple[tuple[int, ...], ...]
     pooling: str = "mean"
+    contexts: tuple[int, ...] | None = None  # per document: its first tokens are attended to, not pooled
     timeout: float | None = None
     route: int = 0
 

@@ -42,7 +42,7 @@ def build_server(settings: ServerSettings):
     device = settings.resolved_device()
     info = ModelInfo(name=settings.model_name, max_context=settings.max_context(config), vocab_size=config.vocab_size,
                      eos_token_id=config.eos_token_id,
-                     embedding_size=2 * config.hidden_size, created=int(time.time()), cache=cache.describe(),
+                     embedding_size=2 * config.hidden_size, causal=config.is_decoder, created=int(time.time()), cache=cache.describe(),
                      sampling_defaults=settings.sampling_defaults())
     shared = lifecycle.SharedState()
     spec = OpenAISpec(settings, info, shared)

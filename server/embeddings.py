@@ -17,7 +17,9 @@ from model.messages import EmbedRequest, Embeddings, Failed, Finished, FinishRea
 from . import protocol
 from .protocol import APIError, EmbeddingRequest
 
-Spans = list[list[tuple[int, int]]]  # per input, the (start, end) token span of each of its chunks
+# Per input, its chunks as (begin, start, end): each computes tokens begin..end and pools start..end; the
+# pooled spans tile the input, and begin..start is the overlap a chunk attends to as context.
+Chunks = list[list[tuple[int, int, int]]]
 
 
 class EmbeddingsRoute:
@@ -29,12 +31,15 @@ class EmbeddingsRoute:
         arrival = time.monotonic()
         try:
             body, timeout = await spec.accept(request, EmbeddingRequest)
-            documents, spans = await asyncio.to_thread(self._documents, body)  # encoding: off the event loop
-            tokens = sum(map(len, documents))
+            chunks, documents = await asyncio.to_thread(self._documents, body)  # encoding: off the event loop
+            computed = sum(map(len, documents))  # overlapping chunks compute some tokens more than once
+            tokens = sum(pieces[-1][2] for pieces in chunks)  # the inputs' tokens: what usage reports
+            contexts = tuple(start - begin for pieces in chunks for begin, start, _ in pieces)
             message = EmbedRequest(uid=f"embd-{uuid.uuid4().hex}", documents=tuple(map(tuple, documents)),
-                                   pooling=body.pooling, timeout=timeout, route=spec.engine.route)
-            with spec.admission.admit(tokens, "input"), spec.engine.open(message.uid, [message]) as stream:
-                abandoned = Finished(message.uid, FinishReason.ABORT, tokens, 0)
+                                   pooling=body.pooling, contexts=contexts if any(contexts) else None,
+                                   timeout=timeout, route=spec.engine.route)
+            with spec.admission.admit(computed, "input"), spec.engine.open(message.uid, [message]) as stream:
+                abandoned = Finished(message.uid, FinishReason.ABORT, computed, 0)
                 async with spec.watch_disconnect(request, stream, abandoned):
                     result = [output async for output in stream.outputs()][-1]
         except APIError as error:
@@ -48,13 +53,17 @@ class EmbeddingsRoute:
         spec.metrics.prompt_tokens.inc(tokens)
         spec.metrics.e2e.observe(time.monotonic() - arrival)
         # Thousands of vectors make megabytes of JSON (a second's work): off the event loop, where streams wait
-        return await asyncio.to_thread(self._response, body, result.vectors, spans, tokens)
+        return await asyncio.to_thread(self._response, body, result.vectors, chunks, tokens)
 
-    def _documents(self, body: EmbeddingRequest) -> tuple[list[list[int]], Spans]:
-        """Token lists to embed, and for each input the token spans of its chunks."""
+    def _documents(self, body: EmbeddingRequest) -> tuple[Chunks, list[list[int]]]:
+        """For each input its chunks, and the token lists to embed (one per chunk)."""
         spec = self.spec
         if body.dimensions is not None and body.dimensions != spec.info.embedding_size:
             raise protocol.unsupported("dimensions", f"embeddings have {spec.info.embedding_size} dimensions")
+        if body.pooling == "first" and spec.info.causal:
+            raise APIError(400, "'pooling': 'first' cannot describe an input with this causal model: its first "
+                                "position sees the first token only. Use 'mean' or 'last'.", param="pooling",
+                           code="invalid_value")
         raw = body.input
         if isinstance(raw, str):
             inputs = [raw]
@@ -74,7 +83,7 @@ class EmbeddingsRoute:
             raise APIError(400, f"'chunking.size' must be in 1..{maximum} and 'chunking.overlap' in "
                                 "0..size-1.", param="chunking", code="invalid_value")
         encoded = []
-        chunks = tokens = 0
+        count = computed = 0
         self._refuse_by_length(inputs, chunking is not None)
         for index, item in enumerate(inputs):
             if isinstance(item, str):
@@ -88,19 +97,13 @@ class EmbeddingsRoute:
                 raise APIError(400, f"input {index} has {len(ids)} tokens; this model's maximum context length is "
                                     f"{maximum} tokens. Ask for server-side chunking with 'chunking': "
                                     "{\"size\": N}.", param="input", code="context_length_exceeded")
-            count, covered = _chunk_counts(len(ids), chunking)
-            chunks, tokens = chunks + count, tokens + covered
+            chunk_count, chunk_tokens = _chunk_counts(len(ids), chunking)
+            count, computed = count + chunk_count, computed + chunk_tokens
             encoded.append(ids)
         # Checked by arithmetic before a single chunk is cut: overlapping chunks multiply the tokens.
-        self._check_chunk_limits(body, chunks, tokens)
-        documents, spans = [], []
-        for ids in encoded:
-            size = chunking.size if chunking else len(ids)
-            step = size - chunking.overlap if chunking else size
-            pieces = [(start, min(start + size, len(ids))) for start in range(0, max(1, len(ids) - size + step), step)]
-            spans.append(pieces)
-            documents.extend(ids[s:e] for s, e in pieces)
-        return documents, spans
+        self._check_chunk_limits(body, count, computed)
+        chunks = [_chunk(len(ids), chunking) for ids in encoded]
+        return chunks, [ids[begin:end] for ids, pieces in zip(encoded, chunks) for begin, _, end in pieces]
 
     def _refuse_by_length(self, inputs: list, chunked: bool) -> None:
         """Refuses texts whose lengths alone show they cannot be served, before the seconds that encoding
@@ -132,42 +135,52 @@ class EmbeddingsRoute:
                                 f"{queue} tokens at once (--max-queued-tokens), so it can never be served.",
                            param="input", code="exceeds_queue_limit")
 
-    def _response(self, body: EmbeddingRequest, vectors: np.ndarray, spans: Spans, tokens: int) -> JSONResponse:
-        return JSONResponse(self._body(body, vectors, spans, tokens))  # renders the JSON as it is made
+    def _response(self, body: EmbeddingRequest, vectors: np.ndarray, chunks: Chunks, tokens: int) -> JSONResponse:
+        return JSONResponse(self._body(body, vectors, chunks, tokens))  # renders the JSON as it is made
 
-    def _body(self, body: EmbeddingRequest, vectors: np.ndarray, spans: Spans, tokens: int) -> dict:
+    def _body(self, body: EmbeddingRequest, vectors: np.ndarray, chunks: Chunks, tokens: int) -> dict:
         data, row = [], 0
-        for index, pieces in enumerate(spans):
+        for index, pieces in enumerate(chunks):
             chunk = vectors[row: row + len(pieces)]
             row += len(pieces)
-            weights = np.array([e - s for s, e in pieces], dtype=np.float64)
+            weights = np.array([end - start for _, start, end in pieces], dtype=np.float64)
             if body.pooling == "max":
                 pooled = chunk.max(axis=0)
             elif body.pooling == "first":
                 pooled = chunk[0]
             elif body.pooling == "last":
                 pooled = chunk[-1]
-            else:  # mean over every token: chunk means weighted by their token counts
+            else:  # the mean over every token, once each: chunk means weighted by the tokens they pooled
                 pooled = (chunk * weights[:, None]).sum(axis=0) / weights.sum()
             item = {"object": "embedding", "index": index,
                     "embedding": _encode_vector(pooled, body.normalize, body.encoding_format)}
             if body.chunking and body.chunking.return_chunks:
-                item["chunks"] = [{"start": s, "end": e,
+                item["chunks"] = [{"start": start, "end": end,
                                    "embedding": _encode_vector(v, body.normalize, body.encoding_format)}
-                                  for (s, e), v in zip(pieces, chunk)]
+                                  for (_, start, end), v in zip(pieces, chunk)]
             data.append(item)
         return {"object": "list", "data": data, "model": self.spec.info.name,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
+def _chunk(length: int, chunking) -> list[tuple[int, int, int]]:
+    """An input's chunks (begin, start, end): windows of `size` tokens, `overlap` apart, the last one ending
+    with the input, so that every token but the first chunk's is computed with at least `overlap` tokens of
+    context, and the last token with `size - 1`. A chunk pools the tokens its predecessor did not."""
+    if chunking is None or length <= chunking.size:
+        return [(0, 0, length)]
+    size, step = chunking.size, chunking.size - chunking.overlap
+    begins = [*range(0, length - size, step), length - size]
+    return [(begin, 0 if i == 0 else begins[i - 1] + size, begin + size) for i, begin in enumerate(begins)]
+
+
 def _chunk_counts(length: int, chunking) -> tuple[int, int]:
-    """How many chunks a document of `length` tokens makes, and how many tokens they hold in all."""
+    """How many chunks `_chunk` makes of an input of `length` tokens, and the tokens they compute in all:
+    by arithmetic, so that limits are checked before a single chunk is cut."""
     if chunking is None or length <= chunking.size:
         return 1, length
-    step = chunking.size - chunking.overlap
-    count = -(-(length - chunking.size) // step) + 1
-    last = min(chunking.size, length - (count - 1) * step)
-    return count, (count - 1) * chunking.size + last
+    count = -(-(length - chunking.size) // (chunking.size - chunking.overlap)) + 1
+    return count, count * chunking.size
 
 
 def _encode_vector(vector: np.ndarray, normalize: bool, encoding: str):

@@ -42,6 +42,7 @@ class ModelInfo:
     vocab_size: int
     eos_token_id: int | None  # min_tokens holds it back: a request must leave another token to draw
     embedding_size: int
+    causal: bool  # each position sees only those before it (is_decoder): 'first' pooling means nothing
     created: int
     cache: dict  # server.capacity.CachePlan.describe()
     sampling_defaults: dict  # the checkpoint's generation_config.json: what a request that does not say gets

@@ -20,7 +20,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from server.embeddings import _chunk_counts
+from server.embeddings import _chunk, _chunk_counts
 from server.security import secure
 from tests.server_harness import API_KEY, RunningServer, server_processes, tiny_checkpoint
 
@@ -87,10 +87,14 @@ def test_overlapping_chunks_are_refused_by_arithmetic_before_any_memory_is_spent
 @pytest.mark.parametrize("length", [1, 5, 100, 256, 257, 700, 1000])
 @pytest.mark.parametrize("size, overlap", [(256, 32), (10, 9), (7, 0), (1, 0)])
 def test_chunk_arithmetic_counts_what_slicing_makes(length, size, overlap):
-    step = size - overlap
-    pieces = [(s, min(s + size, length)) for s in range(0, max(1, length - size + step), step)]
-    assert _chunk_counts(length, SimpleNamespace(size=size, overlap=overlap)) == (len(pieces),
-                                                                                   sum(e - s for s, e in pieces))
+    chunking = SimpleNamespace(size=size, overlap=overlap)
+    pieces = _chunk(length, chunking)
+    assert _chunk_counts(length, chunking) == (len(pieces), sum(end - begin for begin, _, end in pieces))
+    assert [start for _, start, _ in pieces] == [0] + [end for _, _, end in pieces[:-1]]  # they tile the input
+    assert pieces[-1][2] == length and all(begin <= start < end for begin, start, end in pieces)
+    if length > size:  # full windows, each with at least `overlap` tokens of context after the first
+        assert all(end - begin == size for begin, _, end in pieces)
+        assert all(start - begin >= overlap for begin, start, _ in pieces[1:])
 
 
 # ---- bytes that used to make 500s -------------------------------------------------------------------------

@@ -32,3 +32,20 @@ def test_normalised_embeddings_and_limits():
         embed(ours, [[5] * 65])
     with pytest.raises(ValueError, match="pooling"):
         embed(ours, documents, pooling="median")
+
+
+@pytest.mark.parametrize("pooling", ["mean", "first", "last", "max"])
+def test_context_tokens_are_attended_to_but_not_pooled(pooling):
+    """A chunk's overlap with the one before it (`contexts`) shapes its hidden states but is not pooled."""
+    reference, ours = build_pair(dict(TINY), lm=False)
+    rng = rng_for("embed-context", pooling)
+    documents = [random_ids(rng, 1, n, TINY["vocab_size"])[0].tolist() for n in (5, 16, 23, 40)]
+    contexts = [4, 0, 7, 39]
+    vectors = embed(ours, documents, pooling=pooling, contexts=contexts, max_batch_tokens=48)
+    for document, context, vector in zip(documents, contexts, vectors):
+        with torch.no_grad():
+            hidden = reference(torch.tensor([document])).last_hidden_state[0, context:]
+        expected = {"mean": hidden.mean(0), "first": hidden[0], "last": hidden[-1], "max": hidden.amax(0)}[pooling]
+        assert (vector - expected).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="context"):
+        embed(ours, documents, contexts=[0, 0, 0, 40])  # nothing left to pool

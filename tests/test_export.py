@@ -76,6 +76,12 @@ def test_logits_and_embeddings_match_torch_across_lengths(exported, batch):
     expected = embed(model, documents, pooling="mean")
     actual = drain(embed_steps(graphs, model.config, torch.device("cpu"), documents, pooling="mean"))
     assert (expected - actual).abs().max() <= 1e-4
+    contexts = [len(d) // 2 for d in documents]  # chunks' overlaps: attended to, not pooled
+    for pooling in ("mean", "last"):
+        expected = embed(model, documents, pooling=pooling, contexts=contexts)
+        actual = drain(embed_steps(graphs, model.config, torch.device("cpu"), documents, pooling=pooling,
+                                   contexts=contexts))
+        assert (expected - actual).abs().max() <= 1e-4
     for documents_group in (documents[:batch], documents[-batch:]):
         decoder, onnx_decoder = Decoder(model, 4, 256, tail_capacity=8), OnnxDecoder(model, graphs)
         slots = [(decoder.allocate(), onnx_decoder.allocate(len(d))) for d in documents_group]

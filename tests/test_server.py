@@ -292,12 +292,22 @@ def test_embeddings_of_token_ids_pooling_and_chunking(server, local_model):
             "input": [ids], "normalize": False, "pooling": "mean",
             "chunking": {"size": 256, "overlap": 32, "return_chunks": True}}).json()["data"][0]
         maxed = client.post("/v1/embeddings", json={"input": [ids[:100]], "pooling": "max", "normalize": False}).json()
+        last = client.post("/v1/embeddings", json={"input": [ids], "pooling": "last", "normalize": False,
+                                                   "chunking": {"size": 256, "overlap": 32}}).json()
+        first = client.post("/v1/embeddings", json={"input": [ids[:100]], "pooling": "first"})
+    # The chunks tile the input; each is computed in a window of 256 tokens that ends with it (the first:
+    # begins with it), seeing at least the 32 tokens before it, and the mean counts every token once.
     spans = [(c["start"], c["end"]) for c in chunked["chunks"]]
-    assert spans[0] == (0, 256) and spans[-1][1] == 700 and all(b[0] == a[1] - 32 for a, b in zip(spans, spans[1:]))
-    parts = embed(local_model, [ids[s:e] for s, e in spans]).numpy()
-    weights = np.array([e - s for s, e in spans], dtype=np.float64)
-    assert np.allclose(chunked["embedding"], (parts * weights[:, None]).sum(0) / weights.sum(), atol=1e-4)
+    assert spans == [(0, 256), (256, 480), (480, 700)]
+    windows = [(0, 256), (224, 480), (444, 700)]
+    parts = embed(local_model, [ids[b:e] for b, e in windows], contexts=[s - b for (b, _), (s, _) in zip(windows, spans)])
+    assert np.allclose([c["embedding"] for c in chunked["chunks"]], parts.numpy(), atol=1e-5)
+    pooled = np.array([e - s for s, e in spans], dtype=np.float64)
+    assert np.allclose(chunked["embedding"], (parts.numpy() * pooled[:, None]).sum(0) / 700, atol=1e-4)
+    assert np.allclose(last["data"][0]["embedding"], embed(local_model, [ids[-256:]], pooling="last")[0], atol=1e-5)
+    assert last["usage"]["prompt_tokens"] == 700  # the input's tokens, as OpenAI counts them, not the 768 computed
     assert np.allclose(maxed["data"][0]["embedding"], embed(local_model, [ids[:100]], pooling="max")[0], atol=1e-5)
+    assert first.status_code == 400 and first.json()["error"]["param"] == "pooling"  # a causal model
 
 
 # ---- small routes -----------------------------------------------------------------------------------
