@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     model = load_model(args.model).to(getattr(torch, args.dtype))
-    max_length = min(args.max_length or model.config.max_positions, model.config.max_positions)
+    max_length = min(args.max_length or model.config.max_length, model.config.max_length)
     manifest = export_model(model, args.out, slots=args.slots, max_length=max_length,
                             tail_capacity=args.tail_capacity, cache_blocks=args.cache_blocks, source=args.model,
                             progress=lambda line: print(f"[{time.perf_counter() - started:6.1f} s] {line}", flush=True))

@@ -71,7 +71,7 @@ def embed_steps(exported: ExportedModel, config, device: torch.device, documents
                 pooling: str = "mean", max_batch_tokens: int = 65536,
                 contexts: Sequence[int] | None = None) -> Iterator[None]:
     """`model.embed.embed_steps` with the prefill graphs: yields after each group, returns (n, 2*hidden)."""
-    check_documents(documents, contexts, pooling, config.max_positions)
+    check_documents(documents, contexts, pooling, config.max_length)
     out = torch.empty(len(documents), 2 * config.hidden_size)
     for members, padded in length_groups([len(d) for d in documents], config.padded_length, max_batch_tokens):
         ids, mask = pad_batch([documents[i] for i in members], padded, config.pad_token_id, device)

@@ -108,6 +108,15 @@ class ReformerConfig:
         return self.max_position_embeddings
 
     @property
+    def max_length(self) -> int:
+        """The longest input the model can run: the reference pads one longer than the smallest chunk to a
+        multiple of every chunk length, and the padded input must fit the positions."""
+        top = self.max_positions
+        if top > self.min_chunk_length and top % self.padding_multiple:
+            top = max(self.min_chunk_length, top - top % self.padding_multiple)
+        return top
+
+    @property
     def padding_multiple(self) -> int:
         """Inputs longer than the smallest chunk are padded to a multiple of this (the reference's rule)."""
         return math.lcm(*self._chunk_lengths())

@@ -65,7 +65,7 @@ class Decoder:
         self.model = model
         self.config = config
         self.num_slots = num_slots
-        self.max_length = min(max_length or config.max_positions, config.max_positions)
+        self.max_length = min(max_length or config.max_length, config.max_length)
         self.tail_capacity = tail_capacity
         self.prefill_batch_tokens = prefill_batch_tokens  # padded tokens in one batched forward
         device, dtype = model.device, model.dtype

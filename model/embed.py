@@ -39,12 +39,12 @@ def pooled_tokens(mask: Tensor, contexts: Sequence[int] | None) -> Tensor:
 
 
 def check_documents(documents: Sequence[Sequence[int]], contexts: Sequence[int] | None, pooling: str,
-                    max_positions: int) -> None:
+                    max_length: int) -> None:
     if pooling not in POOLINGS:
         raise ValueError(f"'pooling' must be one of {POOLINGS}, got {pooling!r}")
     for document in documents:
-        if not 1 <= len(document) <= max_positions:
-            raise ValueError(f"a document of {len(document)} tokens is outside 1..{max_positions}")
+        if not 1 <= len(document) <= max_length:
+            raise ValueError(f"a document of {len(document)} tokens is outside 1..{max_length}")
     if contexts is not None and (len(contexts) != len(documents) or
                                  not all(0 <= c < len(d) for c, d in zip(contexts, documents))):
         raise ValueError("each document needs a context length that leaves it at least one token to pool")
@@ -67,7 +67,7 @@ def embed_steps(model: ReformerLM, documents: Sequence[Sequence[int]], *, poolin
                 contexts: Sequence[int] | None = None) -> Iterator[None]:
     """Generator form of `embed`: yields after every layer, returns the embeddings."""
     config = model.config
-    check_documents(documents, contexts, pooling, config.max_positions)
+    check_documents(documents, contexts, pooling, config.max_length)
     out = torch.empty(len(documents), 2 * config.hidden_size)
     for members, padded in length_groups([len(d) for d in documents], config.padded_length, max_batch_tokens):
         ids, mask = pad_batch([documents[i] for i in members], padded, config.pad_token_id, model.device)

@@ -81,7 +81,7 @@ class ServerSettings:
             raise SystemExit(f"--model {self.model_path}: {error}") from None
 
     def max_context(self, config: ReformerConfig) -> int:
-        return min(config.max_positions, self.max_model_len or config.max_positions)
+        return min(config.max_length, self.max_model_len or config.max_length)
 
     @property
     def model_threads(self) -> int:

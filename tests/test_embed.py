@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from model.embed import embed
+from server.settings import ServerSettings
 from tests.reference import TINY, build_pair, random_ids, rng_for
 
 
@@ -49,3 +50,19 @@ def test_context_tokens_are_attended_to_but_not_pooled(pooling):
         assert (vector - expected).abs().max() <= 1e-5
     with pytest.raises(ValueError, match="context"):
         embed(ours, documents, contexts=[0, 0, 0, 40])  # nothing left to pool
+
+
+def test_the_longest_input_is_the_longest_whose_padding_fits_the_positions():
+    """The reference pads an input to a multiple of its chunk lengths; with 62 positions and chunks of 4 it
+    cannot run 61 tokens (padded to 64), so neither the model nor the server may offer more than 60."""
+    reference, ours = build_pair(dict(TINY, axial_pos_embds=False, max_position_embeddings=62), lm=False)
+    assert ours.config.max_positions == 62 and ours.config.max_length == 60
+    assert ServerSettings().max_context(ours.config) == 60  # prompts beyond it are refused with a 400
+    documents = random_ids(rng_for("longest"), 1, 61, TINY["vocab_size"]).tolist()
+    with torch.no_grad():
+        hidden = reference(torch.tensor([documents[0][:60]])).last_hidden_state[0]
+        with pytest.raises(Exception):  # noqa: B017 - the reference fails in its position embedding
+            reference(torch.tensor(documents))
+    assert (embed(ours, [documents[0][:60]])[0] - hidden.mean(0)).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match=r"outside 1\.\.60"):
+        embed(ours, documents)
