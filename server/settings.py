@@ -148,7 +148,7 @@ def parse_args(argv: list[str] | None = None) -> ServerSettings:
     parser.add_argument("--max-queued-tokens", type=int, default=defaults.max_queued_tokens)
     parser.add_argument("--prefill-batch-tokens", type=int, default=defaults.prefill_batch_tokens)
     parser.add_argument("--max-embedding-inputs", type=int, default=defaults.max_embedding_inputs,
-                        help="inputs in one embeddings request")
+                        help="inputs in one embeddings request (at most 4096)")
     parser.add_argument("--request-timeout", type=float, default=defaults.request_timeout)
     parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
     parser.add_argument("--body-timeout", type=float, default=defaults.body_timeout,
@@ -176,4 +176,8 @@ def parse_args(argv: list[str] | None = None) -> ServerSettings:
                  "max_embedding_inputs", "cpu_threads"):
         if getattr(settings, name) is not None and getattr(settings, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    from .protocol import MAX_EMBEDDING_CHUNKS
+
+    if settings.max_embedding_inputs > MAX_EMBEDDING_CHUNKS:  # each input is at least one chunk
+        parser.error(f"--max-embedding-inputs must be at most {MAX_EMBEDDING_CHUNKS}, the chunks one request may make")
     return settings

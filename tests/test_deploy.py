@@ -313,3 +313,10 @@ def test_the_model_leaves_a_core_to_each_http_process_on_cpu(monkeypatch):
     assert parse_args(["--api-servers", "4"]).model_threads == 1
     with pytest.raises(SystemExit):
         parse_args(["--cpu-threads", "0"])
+
+
+def test_more_embedding_inputs_than_chunks_is_refused_at_start_up():
+    """Each input is at least one chunk: 4,097 inputs would get a 400 about chunking they never asked for."""
+    assert parse_args(["--max-embedding-inputs", "4096"]).max_embedding_inputs == 4096
+    with pytest.raises(SystemExit):
+        parse_args(["--max-embedding-inputs", "4097"])
