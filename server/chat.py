@@ -75,11 +75,7 @@ class ChatRoute(GenerationRoute):
         for index, message in enumerate(body.messages):
             message.check(index)
         text = self._render(body)
-        least = spec.tokenizer.fewest_tokens(text)
-        if least > spec.info.max_context and body.truncate_prompt_tokens is None:
-            raise protocol.text_too_long(spec.info.max_context, len(text), least, "messages",
-                                         "Please reduce the length of the messages.")
-        ids = spec.tokenizer.encode(text)
+        ids = spec.encode_prompt(text, "messages", truncating=body.truncate_prompt_tokens is not None)
         if body.truncate_prompt_tokens is not None:
             ids = ids[-body.truncate_prompt_tokens:]
         if not ids:

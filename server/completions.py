@@ -167,14 +167,9 @@ class CompletionsRoute(GenerationRoute):
         if not items:
             raise APIError(400, "The prompt is empty.", param="prompt", code="empty_prompt")
         prompts = []
-        maximum = spec.info.max_context
         for item in items:
             if isinstance(item, str):
-                least = spec.tokenizer.fewest_tokens(item)
-                if least > maximum and body.truncate_prompt_tokens is None:
-                    raise protocol.text_too_long(maximum, len(item), least, "prompt",
-                                                 "Please reduce the length of the prompt.")
-                ids = spec.tokenizer.encode(item)
+                ids = spec.encode_prompt(item, "prompt", truncating=body.truncate_prompt_tokens is not None)
             else:
                 ids = list(item)
                 spec.check_token_ids(ids, "prompt")

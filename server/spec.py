@@ -176,6 +176,14 @@ class OpenAISpec(LitSpec):
         self.metrics.rejected.labels(status=str(error.status)).inc()
         return error.response()
 
+    def encode_prompt(self, text: str, param: str, truncating: bool) -> list[int]:
+        """A prompt's token ids. One that could never fit is refused on its length first, unless the request
+        truncates it: encoding megabytes only to refuse them took seconds."""
+        least, maximum = self.tokenizer.fewest_tokens(text), self.info.max_context
+        if least > maximum and not truncating:
+            raise protocol.text_too_long(maximum, len(text), least, param, f"Please reduce the length of the {param}.")
+        return self.tokenizer.encode(text)
+
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.info.name:
             raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.info.name}'.",
