@@ -53,8 +53,12 @@ class TextOffsets:
 
     def advance(self, token: int) -> int:
         if not self.tokenizer.is_special(token):
+            data = self.tokenizer.token_bytes(token)
             offset = self.next
-            self.next += len(self.decoder.decode(self.tokenizer.token_bytes(token)))
+            pending = self.decoder.getstate()[0]
+            if pending and data and not _continues(pending, data[0]):
+                offset += len(pending.decode("utf-8", errors="replace"))  # they end as replacement characters
+            self.next += len(self.decoder.decode(data))
             return offset
         if not self.skip_special:
             self.next += len(self.decoder.decode(b"", final=True))
@@ -63,6 +67,15 @@ class TextOffsets:
             self.next += len(self.tokenizer.token_text(token))
             return offset
         return self.next
+
+
+def _continues(pending: bytes, byte: int) -> bool:
+    """Whether `byte` carries on the unfinished UTF-8 character `pending` began."""
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(pending + bytes([byte]))
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 @dataclass

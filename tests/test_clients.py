@@ -452,6 +452,14 @@ def test_text_offsets_count_characters_so_byte_tokens_of_one_character_share_its
                                                     "logit_bias": {"2": 100}, "skip_special_tokens": False,
                                                     "logprobs": 0}).json()["choices"][0]
     assert kept["text"] == "</s>" * 3 and kept["logprobs"]["text_offset"] == [0, 4, 8]
+    # Token ids with broken UTF-8: the lead byte of '€' cut short by 'i', then '€' whole after a lone lead
+    # byte. Each byte that cannot go on becomes its replacement character; what follows starts after it.
+    broken = [0xE2 + 2, ord("i") + 2, ord("j") + 2, 0xC3 + 2, 0xE2 + 2, 0x82 + 2, 0xAC + 2, ord("k") + 2]
+    with server.client() as client:
+        echoed = client.post("/v1/completions", json={"prompt": broken, "max_tokens": 0, "echo": True,
+                                                      "logprobs": 0}).json()["choices"][0]
+    assert echoed["text"] == "\ufffdij\ufffd€k"
+    assert echoed["logprobs"]["text_offset"] == [0, 1, 2, 3, 4, 4, 4, 5]
 
 
 def test_top_logprobs_hold_the_sampled_token_and_zero_means_it_alone(server):
