@@ -50,6 +50,7 @@ class EmbeddingsRoute:
         if not isinstance(result, Embeddings):  # the client is gone; nobody reads this
             spec.metrics.finished.labels(finished_reason=FinishReason.ABORT.value).inc()
             return APIError(499, "The request was cancelled.", code="cancelled").response()
+        spec.metrics.finished.labels(finished_reason=FinishReason.STOP.value).inc()
         spec.metrics.prompt_tokens.inc(tokens)
         spec.metrics.e2e.observe(time.monotonic() - arrival)
         # Thousands of vectors make megabytes of JSON (a second's work): off the event loop, where streams wait

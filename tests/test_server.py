@@ -272,7 +272,9 @@ def test_deadline_header_times_out_a_long_request(server):
 # ---- embeddings -------------------------------------------------------------------------------------
 def test_embeddings_match_the_core_and_encode_as_base64(server, oai, local_model):
     texts = ["first document", "a second, longer document " * 5]
+    succeeded = server.metric('vllm:request_success_total{finished_reason="stop"}')
     result = oai.embeddings.create(model="tiny", input=texts)
+    assert server.metric('vllm:request_success_total{finished_reason="stop"}') == succeeded + 1  # as vLLM counts
     vectors = np.array([d.embedding for d in result.data])
     expected = embed(local_model, [ByteTokenizer().encode(t) for t in texts], normalize=True).numpy()
     assert np.allclose(vectors, expected, atol=1e-5)
