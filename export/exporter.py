@@ -26,7 +26,7 @@ from model.decode import BLOCK_SIZE, Decoder
 from model.reformer import ReformerLM
 
 from .graphs import DecodeGraph, PrefillGraph
-from .runtime import FORMAT
+from .runtime import FORMAT, model_digest
 
 OPSET = 18
 
@@ -73,7 +73,7 @@ def export_model(model: ReformerLM, out: str | Path, *, slots: int, max_length: 
     if cache_blocks is None:  # written as a number, as the server's plan writes it, so the two can match
         cache_blocks = slots * blocks_for(max_length, block_size) if "lsh" in config.attn_layers else 0
     manifest = {"format": FORMAT, "opset": OPSET, "dtype": str(model.dtype).removeprefix("torch."),
-                "config": config.to_dict(), "graphs": {}, "torch": torch.__version__,
+                "model": model_digest(model), "config": config.to_dict(), "graphs": {}, "torch": torch.__version__,
                 "pool": {"slots": slots, "max_length": max_length, "tail_capacity": tail_capacity,
                          "cache_blocks": cache_blocks, "block_size": block_size}}
     if source is not None and (Path(source) / WEIGHTS).exists():
@@ -112,7 +112,7 @@ def export_model(model: ReformerLM, out: str | Path, *, slots: int, max_length: 
     # tokens, slots, positions, main lengths, tail lengths, hashed flags of two example sequences
     step_inputs = tuple(torch.tensor(pair) for pair in ([3, 4], [0, min(1, slots - 1)], [40, 41], [40, 41], [0, 0],
                                                          [1, 1]))
-    batch = torch.export.Dim("batch", min=1, max=slots)
+    batch = torch.export.Dim("batch", min=1, max=max(2, slots))  # a dimension needs a range: one slot is 1..2
     with torch.no_grad():
         inputs = (*step_inputs, decoder.blocks.table, *caches)
         program = torch.export.export(DecodeGraph(model).eval(), inputs,
@@ -122,5 +122,7 @@ def export_model(model: ReformerLM, out: str | Path, *, slots: int, max_length: 
                           external_data=False, verbose=False)
     manifest["graphs"]["decode"] = {"file": path.name, **_describe(_check(path))}
     progress(f"  {path.name}: {path.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - started:.0f} s")
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    # Last and whole (a rename): a manifest names graphs that were all written, or there is none.
+    (out / "manifest.json.partial").write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / "manifest.json.partial").replace(out / "manifest.json")
     return manifest

@@ -7,6 +7,7 @@ without a word). On a CPU the same binding code runs with the CPU provider.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -79,6 +80,34 @@ class BoundGraph:
             results.append(tensor)
         self.session.run_with_iobinding(binding)
         return results
+
+
+def model_digest(model) -> str:
+    """What graphs were made from: the config, every parameter and buffer (the LSH rotations too), as
+    they are in the model's dtype. Graphs of other weights must not be reused: their prefill would
+    run one model and the torch LM head another."""
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().reshape(-1).cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def graphs_mismatch(directory: str | Path, pool: dict, dtype: str, digest: str) -> str | None:
+    """None when `directory` holds graphs of the model with `digest` for this pool and dtype; otherwise what
+    it holds instead, in words."""
+    manifest = Path(directory) / "manifest.json"
+    if not manifest.exists():
+        return "no graphs"
+    try:
+        written = json.loads(manifest.read_text())
+    except (OSError, ValueError) as error:
+        return f"an unreadable manifest ({error})"
+    if written.get("model") != digest:
+        return "graphs of other weights" if written.get("model") else "graphs of unrecorded weights"
+    if (written.get("pool"), written.get("format"), written.get("dtype")) != (pool, FORMAT, dtype):
+        return f"graphs for {written.get('pool')} in {written.get('dtype')} ({written.get('format')})"
+    return None
 
 
 class ExportedModel:

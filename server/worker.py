@@ -117,13 +117,13 @@ class ReformerAPI(ls.LitAPI):
                  f" ({settings.execution_provider})" if settings.execution_provider else "", slots, max_length)
 
     def _onnx_backend(self, model, slots: int, max_length: int, device: str):
-        """Graphs exported for this pool (once; reused from the directory when its manifest matches)."""
+        """Graphs exported for this pool and these weights (once; reused from the directory when its manifest
+        says they are the ones)."""
         import functools
-        import json
         from pathlib import Path
 
         from export.backend import OnnxDecoder, embed_steps
-        from export.runtime import FORMAT, ExportedModel
+        from export.runtime import FORMAT, ExportedModel, graphs_mismatch, model_digest
 
         settings = self.settings
         pool = {"slots": slots, "max_length": max_length, "tail_capacity": settings.tail_capacity,
@@ -131,25 +131,40 @@ class ReformerAPI(ls.LitAPI):
         dtype = str(model.dtype).removeprefix("torch.")
         directory = Path(settings.onnx_dir or Path.home() / ".cache" / "reformer-server" / "onnx" /
                          f"{settings.model_name}-{slots}x{max_length}-{dtype}")
-        manifest = directory / "manifest.json"
-        written = json.loads(manifest.read_text()) if manifest.exists() else {}
-        if written.get("pool") != pool or written.get("format") != FORMAT or written.get("dtype") != dtype:
-            found = "none" if not written else \
-                f"graphs for {written.get('pool')} in {written.get('dtype')} ({written.get('format')})"
-            wanted = f"this server needs {pool} in {dtype} ({FORMAT})"
-            try:  # the exporter is an extra: serving exported graphs needs onnxruntime only
-                from export.exporter import export_model
-            except ImportError as missing:
-                raise RuntimeError(f"{directory} holds {found}; {wanted}, and the exporter is not installed "
-                                   f"({missing}): pip install -e '.[export]', or write them with python -m export "
-                                   "(its --slots, --max-length, --cache-blocks, --dtype) and pass --onnx-dir") from None
-            log.info("exporting ONNX graphs to %s: it holds %s; %s", directory, found, wanted)
-            export_model(model.cpu() if device != "cpu" else model, directory, source=settings.model_path,
-                         progress=log.info, **pool)
-            model.to(device)
-        exported = ExportedModel(directory, device)
+        found = graphs_mismatch(directory, pool, dtype, model_digest(model))
+        exported = None
+        if found is None:
+            try:
+                exported = ExportedModel(directory, device)
+            except RuntimeError as error:  # a graph file deleted or cut short
+                found = f"graphs that do not load ({error})"
+        if exported is None:
+            wanted = f"this server needs graphs of {settings.model_path} for {pool} in {dtype} ({FORMAT})"
+            self._export(model, directory, f"{directory} holds {found}; {wanted}", pool, device)
+            exported = ExportedModel(directory, device)
         decoder = OnnxDecoder(model, exported, prefill_batch_tokens=settings.prefill_batch_tokens)
         return decoder, functools.partial(embed_steps, exported, model.config, torch.device(device))
+
+    def _export(self, model, directory, why: str, pool: dict, device: str) -> None:
+        advice = ("write them with python -m export (its --slots, --max-length, --cache-blocks, --dtype) and pass "
+                  "--onnx-dir")
+        try:  # the exporter is an extra: serving exported graphs needs onnxruntime only
+            from export.exporter import export_model
+        except ImportError as missing:
+            raise RuntimeError(f"{why}, and the exporter is not installed ({missing}): pip install -e '.[export]', "
+                               f"or {advice}") from None
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            probe = directory / ".writable"  # before minutes of exporting, not after
+            probe.touch()
+            probe.unlink()
+        except OSError as error:
+            raise RuntimeError(f"{why}, and it cannot be written ({error}): pass a writable --onnx-dir, or "
+                               f"{advice}") from None
+        log.info("exporting ONNX graphs: %s", why)
+        export_model(model.cpu() if device != "cpu" else model, directory, source=self.settings.model_path,
+                     progress=log.info, **pool)
+        model.to(device)
 
     def _warm_up(self) -> None:
         """One prefill and a few steps before reporting ready (first CUDA kernels, graph capture)."""

@@ -1,12 +1,14 @@
 """ONNX export and the onnxruntime backend against PyTorch (CPU, fp32)."""
 
+import copy
+
 import onnx
 import pytest
 import torch
 
 from export.backend import OnnxDecoder, embed_steps
 from export.exporter import export_model, prefill_regimes
-from export.runtime import ExportedModel, create_session
+from export.runtime import ExportedModel, create_session, graphs_mismatch, model_digest
 from model import SamplingParams, embed, generate
 from model.config import ReformerConfig
 from model.decode import Decoder
@@ -137,3 +139,20 @@ def test_cpu_sessions_take_the_threads_torch_was_given(exported):
         assert session.get_session_options().intra_op_num_threads == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_graphs_are_reused_only_for_the_weights_pool_and_dtype_they_were_made_from(exported, tmp_path):
+    """A server reuses a directory's graphs only when its manifest names them: other weights (a checkpoint
+    retrained in place) used to run one model's prefill under another's LM head."""
+    model, graphs = exported
+    pool, digest = graphs.manifest["pool"], model_digest(model)
+    assert graphs_mismatch(graphs.directory, pool, "float32", digest) is None
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    assert graphs_mismatch(graphs.directory, pool, "float32", model_digest(other)) == "graphs of other weights"
+    assert graphs_mismatch(graphs.directory, {**pool, "slots": 1}, "float32", digest).startswith("graphs for")
+    assert graphs_mismatch(graphs.directory, pool, "bfloat16", digest).startswith("graphs for")
+    assert graphs_mismatch(tmp_path, pool, "float32", digest) == "no graphs"
+    (tmp_path / "manifest.json").write_text('{"format": "reformer-onn')  # cut short
+    assert graphs_mismatch(tmp_path, pool, "float32", digest).startswith("an unreadable manifest")
