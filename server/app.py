@@ -18,7 +18,7 @@ from . import __version__, error_bodies, lifecycle, metrics, openapi, security
 from .capacity import CacheTooSmall, plan_cache
 from .http_limits import guarded_protocol
 from .request_ids import RequestIdMiddleware
-from .settings import ServerSettings
+from .settings import ServerSettings, configure_logging
 
 log = logging.getLogger("server")
 
@@ -76,7 +76,7 @@ def _take_signals_in_http_processes(server, shared: lifecycle.SharedState) -> No
 
 
 def run(settings: ServerSettings) -> None:
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     try:
         server, shared, temporary_metrics = build_server(settings)
     except CacheTooSmall as error:  # one line that says what to change, not a traceback from the worker

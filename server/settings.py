@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,12 @@ from model.config import ReformerConfig
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "model" / "default"
 API_KEY_ENV = "REFORMER_API_KEY"  # the same name the environment defaults below give --api-key
+
+
+def configure_logging(level: str) -> None:
+    """In the main process, and again in the engine worker: it is spawned, so it inherits no handlers (and
+    its start-up, an ONNX export of minutes among it, went unlogged)."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def default_cpu_threads(api_servers: int) -> int:

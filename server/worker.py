@@ -24,7 +24,7 @@ from model.tokenizer import load_tokenizer
 from .capacity import CachePlan, serving_dtype
 from .engine_client import is_shutdown_sentinel, message_of, outputs_by_route
 from .lifecycle import SharedState, worker_signals
-from .settings import ServerSettings
+from .settings import ServerSettings, configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ class ReformerAPI(ls.LitAPI):
         self.shared.start_heartbeat()
         worker_signals(self.shared)
         settings = self.settings
+        configure_logging(settings.log_level)
         if device == "cpu":
             torch.set_num_threads(settings.model_threads)  # onnxruntime's CPU sessions take the same
         model = load_model(settings.model_path)

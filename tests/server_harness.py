@@ -53,5 +53,5 @@ class RunningServer(ServerProcess):
     """The server with the tests' API key (unless told otherwise) and its log beside the model."""
 
     def __init__(self, model: Path, *args: str, api_key: str | None = API_KEY):
-        super().__init__(model, *args, "--log-level", "warning", api_key=api_key,
+        super().__init__(model, "--log-level", "warning", *args, api_key=api_key,  # args may set another level
                          log_path=model.parent / f"server-{model.name}.log")
