@@ -68,6 +68,7 @@ def export_model(model: ReformerLM, out: str | Path, *, slots: int, max_length: 
     can reach `max_length` at once: the pool a server plans when its cache budget holds that much."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)  # graphs half rewritten must not pass for the old ones
     model = model.eval()
     config = model.config
     if cache_blocks is None:  # written as a number, as the server's plan writes it, so the two can match

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph, InvalidProtobuf, NoSuchFile
 import torch
 from torch import Tensor
 
@@ -25,6 +26,11 @@ DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "ten
           "tensor(int64)": torch.int64, "tensor(bool)": torch.bool, "tensor(int32)": torch.int32}
 NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_,
          torch.int32: np.int32}
+
+
+class DamagedGraph(RuntimeError):
+    """A graph file missing or not a readable graph: exporting again mends it (a provider that does not run
+    is another error, which no export mends)."""
 
 
 def create_session(path: str | Path, device: str) -> ort.InferenceSession:
@@ -44,6 +50,8 @@ def create_session(path: str | Path, device: str) -> ort.InferenceSession:
     advice = "install onnxruntime-gpu with CUDA 13 and cuDNN 9, or serve with --device cpu"
     try:
         session = ort.InferenceSession(str(path), options, providers=providers)
+    except (NoSuchFile, InvalidProtobuf, InvalidGraph) as error:
+        raise DamagedGraph(f"onnxruntime could not load {path}: {error}") from None
     except Exception as error:  # noqa: BLE001 - re-raised with what to do about it
         if cuda:
             raise RuntimeError(f"the CUDA execution provider does not run for {path}: {error}; {advice}") from None

@@ -18,8 +18,11 @@ API_KEY_ENV = "REFORMER_API_KEY"  # the same name the environment defaults below
 
 def configure_logging(level: str) -> None:
     """In the main process, and again in the engine worker: it is spawned, so it inherits no handlers (and
-    its start-up, an ONNX export of minutes among it, went unlogged)."""
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    its start-up, an ONNX export of minutes among it, went unlogged). `level` is for the server's own
+    loggers; other libraries say only warnings (the ONNX exporter's info is hundreds of lines a graph)."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("server", "model", "export", "training"):
+        logging.getLogger(name).setLevel(level.upper())
 
 
 def default_cpu_threads(api_servers: int) -> int:
@@ -27,7 +30,8 @@ def default_cpu_threads(api_servers: int) -> int:
     sets it), less one for each HTTP process. A model that takes every core starves the event loops that
     answer requests and stream its tokens: with both cores of two, requests waited up to 2.7 s behind a
     stream on CPU, and the stream itself was slower."""
-    return max(1, len(os.sched_getaffinity(0)) - api_servers)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # Linux has it
+    return max(1, cores - api_servers)
 
 
 @dataclass

@@ -124,7 +124,7 @@ class ReformerAPI(ls.LitAPI):
         from pathlib import Path
 
         from export.backend import OnnxDecoder, embed_steps
-        from export.runtime import FORMAT, ExportedModel, graphs_mismatch, model_digest
+        from export.runtime import FORMAT, DamagedGraph, ExportedModel, graphs_mismatch, model_digest
 
         settings = self.settings
         pool = {"slots": slots, "max_length": max_length, "tail_capacity": settings.tail_capacity,
@@ -137,7 +137,7 @@ class ReformerAPI(ls.LitAPI):
         if found is None:
             try:
                 exported = ExportedModel(directory, device)
-            except RuntimeError as error:  # a graph file deleted or cut short
+            except DamagedGraph as error:  # a graph file deleted or cut short
                 found = f"graphs that do not load ({error})"
         if exported is None:
             wanted = f"this server needs graphs of {settings.model_path} for {pool} in {dtype} ({FORMAT})"

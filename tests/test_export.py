@@ -8,7 +8,7 @@ import torch
 
 from export.backend import OnnxDecoder, embed_steps
 from export.exporter import export_model, prefill_regimes
-from export.runtime import ExportedModel, create_session, graphs_mismatch, model_digest
+from export.runtime import DamagedGraph, ExportedModel, create_session, graphs_mismatch, model_digest
 from model import SamplingParams, embed, generate
 from model.config import ReformerConfig
 from model.decode import Decoder
@@ -125,8 +125,9 @@ def test_cuda_provider_that_does_not_run_is_an_error(exported, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the CUDA provider is expected to run")
     _, graphs = exported
-    with pytest.raises(RuntimeError, match="CUDA"):
+    with pytest.raises(RuntimeError, match="CUDA") as error:
         create_session(graphs.directory / "decode.onnx", "cuda")
+    assert not isinstance(error.value, DamagedGraph)  # the server must not export again over good graphs
 
 
 def test_cpu_sessions_take_the_threads_torch_was_given(exported):
@@ -156,3 +157,14 @@ def test_graphs_are_reused_only_for_the_weights_pool_and_dtype_they_were_made_fr
     assert graphs_mismatch(tmp_path, pool, "float32", digest) == "no graphs"
     (tmp_path / "manifest.json").write_text('{"format": "reformer-onn')  # cut short
     assert graphs_mismatch(tmp_path, pool, "float32", digest).startswith("an unreadable manifest")
+
+
+def test_a_graph_file_missing_or_cut_short_is_a_damaged_graph(exported, tmp_path):
+    """What the server mends by exporting again (and nothing else is)."""
+    _, graphs = exported
+    with pytest.raises(DamagedGraph):
+        create_session(tmp_path / "missing.onnx", "cpu")
+    cut = tmp_path / "decode.onnx"
+    cut.write_bytes((graphs.directory / "decode.onnx").read_bytes()[:3000])
+    with pytest.raises(DamagedGraph):
+        create_session(cut, "cpu")
