@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from model.config import ReformerConfig
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "model" / "default"
 API_KEY_ENV = "REFORMER_API_KEY"  # the same name the environment defaults below give --api-key
+CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "QUOTA PERIOD" in microseconds, or "max PERIOD"
 
 
 def configure_logging(level: str) -> None:
@@ -27,10 +29,17 @@ def configure_logging(level: str) -> None:
 
 def default_cpu_threads(api_servers: int) -> int:
     """The model's threads on CPU: the cores this process may use (its affinity, as a container's cpuset
-    sets it), less one for each HTTP process. A model that takes every core starves the event loops that
-    answer requests and stream its tokens: with both cores of two, requests waited up to 2.7 s behind a
-    stream on CPU, and the stream itself was slower."""
+    sets it, within its cgroup's CPU quota, as `docker --cpus` or a Kubernetes CPU limit sets it), less one
+    for each HTTP process. A model that takes every core starves the event loops that answer requests and
+    stream its tokens: with both cores of two, requests waited up to 2.7 s behind a stream on CPU, and the
+    stream itself was slower."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # Linux has it
+    try:
+        quota, period = CPU_MAX.read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 file, or one unlike the kernel's
+        pass
     return max(1, cores - api_servers)
 
 

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from server.lifecycle import SHUTDOWN_OVERHEAD
-from server.settings import parse_args
+from server import settings
+from server.settings import default_cpu_threads, parse_args
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -305,6 +306,7 @@ def test_the_model_leaves_a_core_to_each_http_process_on_cpu(monkeypatch):
     """With every core, the model's threads starved the event loop that streams its tokens (requests waited
     seconds behind one stream on two cores)."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))  # a container's cpuset of 8
+    monkeypatch.setattr(settings, "CPU_MAX", Path("/nonexistent/cpu.max"))  # and no quota
     assert parse_args([]).model_threads == 7
     assert parse_args(["--api-servers", "3"]).model_threads == 5
     assert parse_args(["--cpu-threads", "8"]).model_threads == 8  # the operator's choice wins
@@ -313,6 +315,19 @@ def test_the_model_leaves_a_core_to_each_http_process_on_cpu(monkeypatch):
     assert parse_args(["--api-servers", "4"]).model_threads == 1
     with pytest.raises(SystemExit):
         parse_args(["--cpu-threads", "0"])
+
+
+def test_a_cpu_quota_limits_the_model_threads_as_the_cpuset_does(monkeypatch, tmp_path):
+    """`docker --cpus 2.5` or a Kubernetes CPU limit of 2500m leaves every core in the affinity set."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    quota = tmp_path / "cpu.max"
+    monkeypatch.setattr(settings, "CPU_MAX", quota)
+    quota.write_text("250000 100000\n")
+    assert default_cpu_threads(1) == 2  # 3 cores' worth, one of them for the HTTP process
+    quota.write_text("max 100000\n")
+    assert default_cpu_threads(1) == 63
+    quota.unlink()
+    assert default_cpu_threads(1) == 63
 
 
 def test_more_embedding_inputs_than_chunks_is_refused_at_start_up():
