@@ -142,6 +142,22 @@ def test_every_run_ends_with_its_serving_checkpoint(tmp_path):
     assert json.loads((tmp_path / "export" / "training.json").read_text())["step"] == 2
 
 
+def test_a_served_checkpoint_continues_with_its_record_and_a_rewarmed_fresh_optimizer(tmp_path):
+    main(["--preset", "tiny", "--out", str(tmp_path / "first"), "--steps", "6", "--export", str(tmp_path / "v1")])
+    main(["--preset", "tiny", "--out", str(tmp_path / "second"), "--steps", "14", "--from", str(tmp_path / "v1")])
+    record = json.loads((tmp_path / "second" / "export" / "training.json").read_text())
+    assert record["step"] == 14 and record["restarts"] == [6]
+    assert [r["step"] for r in record["history"]] == list(range(1, 15))
+    settings = PRESETS["tiny"][1]  # warm-up of 4 steps: the rate climbs again from a quarter at the restart
+    rates = [r["lr"] for r in record["history"]]
+    assert rates[6] == pytest.approx(learning_rate(6, dataclasses.replace(settings, steps=14)) / 4)
+    assert rates[6] < rates[7] < rates[8] < rates[9] and rates[5] > rates[6]
+    first, second = load_model(tmp_path / "v1"), load_model(tmp_path / "second" / "export")
+    assert not torch.equal(first.embed.tokens.weight, second.embed.tokens.weight)  # it did train from there
+    with pytest.raises(SystemExit, match="not a model of this preset"):
+        main(["--preset", "cpu-v1", "--out", str(tmp_path / "third"), "--steps", "1", "--from", str(tmp_path / "v1")])
+
+
 def test_learning_rate_warms_up_then_decays_to_a_tenth():
     settings = TrainSettings(steps=100, batch=1, lr=1.0, warmup=10)
     rates = [learning_rate(step, settings) for step in range(100)]

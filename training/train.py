@@ -4,6 +4,7 @@
     python -m training.train --preset cpu --out runs/cpu --resume     # continue from runs/cpu/checkpoint
     python -m training.train ... --export model/default               # the fp16 serving checkpoint (else OUT/export)
     python -m training.train --preset cpu-v1 --out runs/a --minutes 9 # a recipe for a fixed wall time
+    python -m training.train --preset cpu-long --out runs/b --from model/default --minutes 600  # see below
 
 A recipe (`PRESETS`) is a model shape, a tokenizer (bytes, or a SentencePiece vocabulary learned from the train
 split, `training.subwords`) and a batch plan. Training windows are random slices of the train stream (files
@@ -13,7 +14,9 @@ which averages each gradient over more files for fewer tokens; every `long_every
 with linear warm-up and cosine decay (over steps, or over wall time with `--minutes`), gradient clipping, bf16
 autocast on CUDA, evaluation in bits per byte on the beginnings of fixed validation files (the same bytes
 whatever the tokenizer), and checkpoints (safetensors weights and optimizer state, JSON progress) that
-`--resume` continues exactly.
+`--resume` continues exactly. `--from MODEL_DIR` continues a serving checkpoint whose run directory is gone: its
+fp16 weights upcast, its training record, and a fresh optimizer whose rate warms up again over the preset's
+warm-up steps (new Adam moments would otherwise take full-rate steps of one sign per weight).
 """
 
 from __future__ import annotations
@@ -175,13 +178,17 @@ def schedule_fraction(step: int, seconds: float, settings: TrainSettings) -> flo
     return max(fraction, seconds / (60 * settings.minutes)) if settings.minutes else fraction
 
 
-def learning_rate(step: int, settings: TrainSettings, seconds: float = 0.0) -> float:
-    """Linear warm-up, then cosine decay to a tenth of the peak at the end of the schedule."""
+def learning_rate(step: int, settings: TrainSettings, seconds: float = 0.0, rewarm_from: int | None = None) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak at the end of the schedule; a run continued with
+    a fresh optimizer at step `rewarm_from` warms up again from there to the schedule's rate."""
     if step < settings.warmup:
         return settings.lr * (step + 1) / settings.warmup
     warm = settings.warmup / settings.steps
     progress = (schedule_fraction(step, seconds, settings) - warm) / max(1e-9, 1 - warm)
-    return settings.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress)))))
+    rate = settings.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress)))))
+    if rewarm_from is not None and step - rewarm_from < settings.warmup:
+        rate *= (step - rewarm_from + 1) / settings.warmup
+    return rate
 
 
 @dataclass
@@ -270,6 +277,22 @@ def load_checkpoint(directory: Path, settings: TrainSettings, windows: Windows,
     return model, optimizer, progress
 
 
+def start_from_served(model_dir: Path, config, settings: TrainSettings, windows: Windows,
+                      device: torch.device) -> tuple[ReformerLM, torch.optim.Optimizer, dict]:
+    """A serving checkpoint (`export`'s) as the start of a continued run: fp32 weights, a fresh optimizer, its
+    training record; the data order is reseeded at its step so it does not replay the run's first windows."""
+    model = load_model(model_dir)
+    if model.config != config:
+        raise SystemExit(f"{model_dir} is not a model of this preset (its config differs); pick the preset it was "
+                         "trained with (its training.json says which)")
+    record = json.loads((model_dir / "training.json").read_text())
+    model = model.float().to(device).train()
+    windows.generator.manual_seed(settings.seed + record["step"])
+    progress = {key: record[key] for key in ("step", "tokens", "seconds", "history")}
+    progress["restarts"] = record.get("restarts", []) + [record["step"]]
+    return model, make_optimizer(model, settings), progress
+
+
 # ---- the loop ----------------------------------------------------------------------------------------
 def prepare_tokenizer(settings: TrainSettings, out: Path) -> Tokenizer:
     """The recipe's tokenizer; a subword vocabulary is learned from the train split once per run directory."""
@@ -277,9 +300,11 @@ def prepare_tokenizer(settings: TrainSettings, out: Path) -> Tokenizer:
 
 
 def train(make_config, settings: TrainSettings, out: Path, *, device: torch.device,
-          resume: bool = False, reversible: bool = True, log_every: int = 10, until: int | None = None) -> ReformerLM:
+          resume: bool = False, reversible: bool = True, log_every: int = 10, until: int | None = None,
+          start_from: Path | None = None) -> ReformerLM:
     """Train (or continue) to `settings.steps` or its time budget; `until` pauses after that step (resume
-    continues exactly). `make_config(vocab_size)` gives the model's shape once the tokenizer is known."""
+    continues exactly; `start_from` continues a serving checkpoint). `make_config(vocab_size)` gives the model's
+    shape once the tokenizer is known."""
     torch.manual_seed(settings.seed)
     tokenizer = prepare_tokenizer(settings, out)
     config = make_config(tokenizer.vocab_size)
@@ -292,6 +317,9 @@ def train(make_config, settings: TrainSettings, out: Path, *, device: torch.devi
     if resume and (checkpoint / "progress.json").exists():
         model, optimizer, progress = load_checkpoint(checkpoint, settings, train_windows, device)
         print(f"resumed at step {progress['step']}")
+    elif start_from is not None:
+        model, optimizer, progress = start_from_served(start_from, config, settings, train_windows, device)
+        print(f"continuing {start_from} from step {progress['step']} with a fresh optimizer")
     else:
         model = ReformerLM(config).to(device).train()
         optimizer = make_optimizer(model, settings)
@@ -305,7 +333,7 @@ def train(make_config, settings: TrainSettings, out: Path, *, device: torch.devi
         seconds = time.perf_counter() - started
         if until is not None and step >= until or schedule_fraction(step, seconds, settings) >= 1:
             break
-        rate = learning_rate(step, settings, seconds)
+        rate = learning_rate(step, settings, seconds, rewarm_from=(progress.get("restarts") or [None])[-1])
         for group in optimizer.param_groups:
             group["lr"] = rate
         batch = train_windows.sample(*step_windows(step, settings, context)).to(device)
@@ -342,7 +370,7 @@ def train(make_config, settings: TrainSettings, out: Path, *, device: torch.devi
 def export(model: ReformerLM, directory: Path, out: Path, device: torch.device, preset: str) -> None:
     """The serving checkpoint: fp16 weights (hash rotations stay fp32) and the training record."""
     progress = json.loads((out / "checkpoint" / "progress.json").read_text())
-    summary = {key: progress[key] for key in ("step", "tokens", "seconds")}
+    summary = {key: progress[key] for key in ("step", "tokens", "seconds", "restarts") if key in progress}
     summary["preset"] = preset
     settings = PRESETS[preset][1]
     summary["windows"] = {"batch": settings.batch, "short_context": settings.short_context,
@@ -369,6 +397,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, help="override the preset's step count")
     parser.add_argument("--minutes", type=float, help="train for this wall time (the schedule follows it)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if present")
+    parser.add_argument("--from", dest="start_from", type=Path, metavar="MODEL_DIR",
+                        help="continue this serving checkpoint (its weights and record, a fresh optimizer)")
     parser.add_argument("--until", type=int, help="pause after this step (to split a run over sessions)")
     parser.add_argument("--ordinary", action="store_true", help="plain autograd instead of reversible backprop")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -383,13 +413,15 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.start_from and (args.start_from / SPIECE).exists() and not (args.out / SPIECE).exists():
+        shutil.copyfile(args.start_from / SPIECE, args.out / SPIECE)  # its vocabulary, not a new one
     config = make_config(prepare_tokenizer(settings, args.out).vocab_size)
     budget = f"{settings.minutes:g} minutes" if settings.minutes else f"{settings.steps} steps"
     print(f"{args.preset} preset on {device}: {settings.tokenizer} tokens, context {config.max_positions}, "
           f"{ReformerLM(config).num_parameters():,} parameters, {budget} of {settings.batch} x "
           f"{config.max_positions} tokens, {'ordinary' if args.ordinary else 'reversible'} backprop")
     model = train(make_config, settings, args.out, device=device, resume=args.resume, reversible=not args.ordinary,
-                  until=args.until)
+                  until=args.until, start_from=args.start_from)
     # every run ends with its serving checkpoint: a run that forgot to ask for it would otherwise need a second
     # `--resume` call just to write it
     export_to = args.export or args.out / "export"
