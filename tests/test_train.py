@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from training.evaluate import byte_bits, compressor_bits, lines_before_syntax_error, python_lines
-from training.model_card import _target, schedule_changes
+from training.model_card import _continued, _schedule, _target, schedule_changes
 from model import load_model
 from training import corpus
 from model.attention import LSHSelfAttention
@@ -184,6 +184,15 @@ def test_the_model_card_finds_where_a_runs_schedule_was_shortened_or_restarted()
     bent += [{"step": step + 1, "lr": learning_rate(step, restart, seconds=60 * (152 + step - 900))}
              for step in range(900, 1000)]
     assert [(step, after > before) for step, before, after in schedule_changes(bent)] == [(501, False), (901, True)]
+    # a run continued with --from after step 1000: the rate falls to a fortieth and climbs back over 40 steps
+    fresh = bent + [{"step": step + 1, "lr": learning_rate(step, restart, seconds=60 * (152 + step - 900),
+                                                           rewarm_from=1000)} for step in range(1000, 1100)]
+    assert fresh[1000]["lr"] < fresh[999]["lr"] / 10
+    assert [step for step, _, _ in schedule_changes(fresh)] == [501, 901, 1001]  # unexplained, it is a jump
+    assert [step for step, _, _ in schedule_changes(fresh, [1000])] == [501, 901]
+    told = _continued({"history": fresh, "restarts": [1000]})
+    assert "once with `--resume`" in told and "at step 1,000 with `--from`" in told
+    assert "warmed up again after step 1,000" in _schedule({"history": fresh, "restarts": [1000]})
 
 
 def test_the_model_card_says_whether_its_target_is_met():

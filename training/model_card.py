@@ -64,33 +64,42 @@ def _buckets(num_buckets) -> str:
     return str(num_buckets)
 
 
-def schedule_changes(history: list[dict]) -> list[tuple[int, float, float]]:
+def schedule_changes(history: list[dict], fresh_starts: list[int] = ()) -> list[tuple[int, float, float]]:
     """(step, rate before, rate at that step) wherever the learning rate jumped: a run whose schedule was
     shortened or restarted part-way. A jump is a change ten times larger than the steps on either side of it,
-    so the warm-up's even climb and the cosine's smooth fall are not jumps."""
+    so the warm-up's even climb and the cosine's smooth fall are not jumps; the steps where a run went on with a
+    fresh optimizer (`--from`, whose rate warms up again from near zero) are told apart, not counted here."""
     rates = [record["lr"] for record in history]
     changes = []
     for i in range(1, len(rates)):
         neighbours = [abs(rates[j] - rates[j - 1]) for j in (i - 1, i + 1) if 1 <= j < len(rates)]
-        if abs(rates[i] - rates[i - 1]) > 10 * max(neighbours, default=0.0) + 1e-9:
+        jumped = abs(rates[i] - rates[i - 1]) > 10 * max(neighbours, default=0.0) + 1e-9
+        if jumped and history[i - 1]["step"] not in fresh_starts:
             changes.append((history[i]["step"], rates[i - 1], rates[i]))
     return changes
 
 
-def _schedule(history: list[dict]) -> str:
+def _schedule(training: dict) -> str:
+    history, fresh_starts = training.get("history", []), training.get("restarts", [])
     rates = [record["lr"] for record in history]
     if not rates:
         return "linear warm-up then cosine decay"
     told = [f"{'restarted' if after > before else 'shortened'} at step {step:,} ({before:.1e} to {after:.1e})"
-            for step, before, after in schedule_changes(history)]
+            for step, before, after in schedule_changes(history, fresh_starts)]
+    told += [f"warmed up again after step {step:,}, where it went on with a fresh optimizer" for step in fresh_starts]
     changed = f"; the schedule was changed part-way: {', '.join(told)}" if told else ""
     return (f"linear warm-up to {max(rates):.1e} then cosine decay, ending at {rates[-1]:.1e}{changed} (every "
             "step's rate is in `training.json`)")
 
 
-def _continued(history: list[dict]) -> str:
-    restarts = sum(after > before for _, before, after in schedule_changes(history))
-    return f", continued {restarts} times with `--resume` and a longer `--minutes`" if restarts else ""
+def _continued(training: dict) -> str:
+    history, fresh_starts = training.get("history", []), training.get("restarts", [])
+    resumed = sum(after > before for _, before, after in schedule_changes(history, fresh_starts))
+    told = [f"{'once' if resumed == 1 else f'{resumed} times'} with `--resume` and a longer `--minutes`"] \
+        if resumed else []
+    told += [f"from its served checkpoint at step {step:,} with `--from` (the run directory with the optimizer's "
+             "state was lost)" for step in fresh_starts]
+    return f", continued {' and '.join(told)}" if told else ""
 
 
 def _target(result: dict, training: dict) -> str:
@@ -151,9 +160,9 @@ A {_kind(result)} Reformer language model trained from scratch on the Python sta
 {result['parameters']:,} parameters; shipped in fp16 ({size_bytes / 1e6:.1f} MB, the hash rotations in fp32).
 
 ## Training
-`python -m training.train --preset {training.get('preset', 'cpu')}`{_continued(history)}: reversible backprop (block inputs recomputed in
+`python -m training.train --preset {training.get('preset', 'cpu')}`{_continued(training)}: reversible backprop (block inputs recomputed in
 the backward pass with the forward's LSH buckets), chunked feed-forward, AdamW (β 0.9/0.95, weight decay 0.1 on
-matrices), {_schedule(history)}, gradient clipping at 1. {training['step']:,} steps,
+matrices), {_schedule(training)}, gradient clipping at 1. {training['step']:,} steps,
 {training['tokens']:,} tokens ({training['tokens'] * result.get('bytes_per_token', 1) / result['model_train_bytes']:.2f} passes over the train split),
 {training['seconds'] / 60:.0f} minutes on {training['device']} ({training.get('threads', '?')} threads).
 Final validation: {validations[-1]['validation_bpb'] if validations else float('nan'):.3f} bits per byte.
