@@ -68,7 +68,7 @@ PROMPTS = ("def fibonacci(n):\n", "import os\nimport sys\n\n\ndef main():\n",
 def token_bits(model: ReformerLM, tokens: list[int], eos_id: int) -> np.ndarray:
     """-log2 p(token | everything before it in the file, up to the context) for each of `tokens`."""
     ids = torch.tensor([eos_id] + tokens)
-    context = model.config.max_positions
+    context = model.config.max_length  # the longest window the model runs (padding included)
     bits = np.empty(len(tokens), dtype=np.float64)
     start, scored = 0, 0  # window start; targets (positions in ids, minus one) scored so far
     while scored < len(tokens):
