@@ -152,6 +152,7 @@ class Engine:
         self.waiting_embeds: deque[EmbedJob] = deque()
         self.running: dict[int, Choice] = {}  # decode slot -> the choice decoding in it
         self.work: Work | None = None
+        self.taken: list[Job] = []  # members of the next work while it is being set up (see _next_work)
         self.prefills = 0  # forwards started over prompts (tests and benchmarks count them)
         self._embeds_next = False  # alternate prefills and embedding batches when both wait
 
@@ -180,7 +181,7 @@ class Engine:
     def _jobs(self) -> list[Job]:
         """Every request in flight, once each."""
         jobs = [*self.waiting, *self.waiting_embeds, *(c.job for c in self.running.values()),
-                *(self.work.members if self.work else [])]
+                *(self.work.members if self.work else []), *self.taken]
         return list({id(job): job for job in jobs}.values())
 
     def fail_all(self, events: Events, status: int, message: str, code: ErrorCode) -> None:
@@ -188,7 +189,7 @@ class Engine:
         jobs = self._jobs()
         if self.work is not None:
             self.work.steps.close()
-        self.work = None
+        self.work, self.taken = None, []
         self.waiting.clear()
         self.waiting_embeds.clear()
         for job in jobs:
@@ -304,6 +305,7 @@ class Engine:
         padded_length = self.model.config.padded_length
         if embeds:
             members, tokens = _take_within(self.waiting_embeds, self.prefill_batch_tokens, pooling=True)
+            self.taken = members  # out of the queue, not yet work: should setting up fail, fail_all finds them
             documents = [list(d) for job in members for d in job.request.documents]
             contexts = [c for job in members for c in job.request.contexts or [0] * len(job.request.documents)]
             steps = self.embed_steps(documents, pooling=members[0].request.pooling,
@@ -314,6 +316,7 @@ class Engine:
                 return self.decoder.room_for([(job.slots, job.reserve) for job in jobs])
 
             members, tokens = _take_within(self.waiting, self.prefill_batch_tokens, room=room)
+            self.taken = members
             for job in members:  # every choice's slot and cache blocks now; the prompt is computed in the first only
                 for choice in job.choices:
                     choice.slot = self.decoder.allocate(job.reserve)
@@ -323,6 +326,7 @@ class Engine:
             lengths = [job.tokens for job in members]
             self.prefills += 1
         layers = self.model.config.num_layers * len(length_groups(lengths, padded_length, self.prefill_batch_tokens))
+        self.taken = []
         for job in members:
             job.started = now
             if self.metrics:

@@ -304,6 +304,24 @@ def test_a_failure_nobody_can_be_blamed_for_fails_everything_and_the_engine_goes
     assert tokens_of(run(engine), "after") == alone(model, [5, 6])
 
 
+@pytest.mark.parametrize("kind", ["generate", "embed"])
+def test_requests_taken_from_the_queue_are_failed_and_freed_when_setting_up_their_work_fails(model, monkeypatch,
+                                                                                           kind):
+    engine = Engine(model, ByteTokenizer(), max_running=2)
+    if kind == "generate":  # e.g. a device error while a slot's cache blocks are lent
+        monkeypatch.setattr(engine.decoder, "prefill_steps", lambda *args, **kwargs: 1 / 0)
+        engine.submit(GenerateRequest("a", (5, 6), GREEDY, n=2))
+    else:
+        monkeypatch.setattr(engine, "embed_steps", lambda *args, **kwargs: 1 / 0)
+        engine.submit(EmbedRequest("a", ((5, 6),)))
+    outputs = [o for _, o in engine.iteration()]
+    assert [(o.uid, o.code) for o in outputs if isinstance(o, Failed)] == [("a", ErrorCode.INTERNAL)]
+    assert engine.decoder.free_slots == 2 and engine.decoder.usage == 0 and not engine.has_work()
+    monkeypatch.undo()
+    engine.submit(GenerateRequest("after", (5, 6), GREEDY))
+    assert tokens_of(run(engine), "after") == alone(model, [5, 6])
+
+
 def test_command_line_needs_a_model_until_the_default_exists(tmp_path, monkeypatch):
     import server.settings as settings_module
 
