@@ -217,12 +217,10 @@ class Generation:
         return self._chunk(choice, choice.prompt.text, choice.prompt_logprobs if self.want_logprobs else None, True)
 
     async def stream(self, stream):
-        last = None
+        last, sent = None, time.monotonic()
         async for output in stream.outputs(tick=KEEPALIVE_SECONDS):
             pieces: list[str | None] = []
-            if output is None:
-                pieces.append(": keep-alive\n\n")
-            elif isinstance(output, Progress):
+            if isinstance(output, Progress):
                 if self.include_progress:
                     pieces.append(f": prefill {output.layers_done}/{output.layers} layers, "
                                   f"{output.prompt_tokens} prompt tokens\n\n")
@@ -240,9 +238,14 @@ class Generation:
             elif isinstance(output, Failed):  # as vLLM does: an error event, then [DONE]
                 last = output
                 pieces.append(self._event(APIError.from_failure(output).body()))
+            # Silence is measured from the last byte sent, not the last engine output: a long prefill reports
+            # every layer, which is not sent unless asked for, and a proxy would cut a stream quiet that long.
+            if not any(pieces) and (output is None or time.monotonic() - sent >= KEEPALIVE_SECONDS):
+                pieces.append(": keep-alive\n\n")
             for piece in pieces:
                 if piece:
                     yield piece
+                    sent = time.monotonic()
             if isinstance(last, Failed):
                 break
         if last is not None:

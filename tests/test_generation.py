@@ -1,0 +1,59 @@
+"""The SSE stream of one generation, fed engine outputs through a real RequestStream (no server, no model)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+from unittest.mock import MagicMock
+
+import pytest
+
+import server.generation as generation
+from model import ByteTokenizer
+from model.messages import Finished, FinishReason, Progress, Token
+from server.engine_client import RequestStream
+from server.generation import Generation, Prompt, TextShape
+
+KEEPALIVE = ": keep-alive\n\n"
+
+
+def streamed(include_progress: bool, layers: int, layer_seconds: float) -> list[str]:
+    """What the client is sent while the engine reports a prefill of `layers` layers, then one token."""
+    spec = SimpleNamespace(tokenizer=ByteTokenizer(), metrics=MagicMock(), info=SimpleNamespace(name="m"))
+    answer = Generation(spec, "cmpl-1", [Prompt([5, 6], "ab")], n=1, keep=1, shape=TextShape(), echo=False,
+                        logprobs=False, include_progress=include_progress, arrival=time.monotonic())
+    part = answer.part(0)
+    stream = RequestStream("cmpl-1", [part], deadline=time.monotonic() + 60, engine_pid=0)
+
+    async def engine():
+        for layer in range(1, layers + 1):
+            await asyncio.sleep(layer_seconds)
+            stream.deliver(Progress(part, layer, layers, 2))
+        stream.deliver(Token(part, 70, "x", -0.1, [], finish=FinishReason.LENGTH))
+        stream.deliver(Finished(part, FinishReason.LENGTH, 2, 1))
+
+    async def client():
+        task = asyncio.create_task(engine())
+        pieces = [piece async for piece in answer.stream(stream)]
+        await task
+        return pieces
+
+    return asyncio.run(client())
+
+
+def test_a_long_prefill_whose_progress_is_not_sent_still_keeps_the_stream_alive(monkeypatch):
+    # Each layer reports well within the keep-alive interval, so the engine is never silent that long; the
+    # client is, unless the stream counts silence from the last byte it sent.
+    monkeypatch.setattr(generation, "KEEPALIVE_SECONDS", 0.2)
+    pieces = streamed(include_progress=False, layers=20, layer_seconds=0.05)
+    assert 3 <= pieces.count(KEEPALIVE) <= 5, pieces  # one second of prefill
+    assert pieces[-1] == "data: [DONE]\n\n" and any('"text": "x"' in piece for piece in pieces)
+
+
+@pytest.mark.parametrize("include_progress", [True, False])
+def test_no_keep_alive_while_the_stream_is_not_quiet(monkeypatch, include_progress):
+    monkeypatch.setattr(generation, "KEEPALIVE_SECONDS", 0.5)
+    pieces = streamed(include_progress=include_progress, layers=4, layer_seconds=0.05)
+    assert KEEPALIVE not in pieces
+    assert sum(piece.startswith(": prefill") for piece in pieces) == (4 if include_progress else 0)
