@@ -84,14 +84,11 @@ class ChatRoute(GenerationRoute):
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "'top_logprobs' needs 'logprobs': true.", param="top_logprobs",
                            code="invalid_value")
-        options = body.stream_options
         generation = Generation(
             spec, f"chatcmpl-{uuid.uuid4().hex}", [Prompt(ids, text)], n=body.n, keep=body.n,
             shape=ChatShape(top_logprobs=logprobs or 0),
-            echo=False, logprobs=body.logprobs, include_usage=bool(options and options.include_usage),
-            continuous_usage=bool(options and options.continuous_usage_stats),
-            include_progress=bool(options and options.include_progress), return_token_ids=body.return_token_ids,
-            arrival=arrival)
+            echo=False, logprobs=body.logprobs, stream_options=body.stream_options,
+            return_token_ids=body.return_token_ids, arrival=arrival)
         messages = engine_requests(spec, body, generation, logprobs=logprobs, prompt_logprobs=False, timeout=timeout)
         return generation, messages
 

@@ -147,13 +147,10 @@ class CompletionsRoute(GenerationRoute):
                            code="invalid_value")
         if body.user:
             log.info("completion for user %r", body.user)
-        options = body.stream_options
         generation = Generation(
             spec, f"cmpl-{uuid.uuid4().hex}", self._prompts(body), n=best_of, keep=body.n, shape=TextShape(),
             echo=body.echo, logprobs=body.logprobs is not None,
-            include_usage=bool(options and options.include_usage),
-            continuous_usage=bool(options and options.continuous_usage_stats),
-            include_progress=bool(options and options.include_progress), return_token_ids=body.return_token_ids,
+            stream_options=body.stream_options, return_token_ids=body.return_token_ids,
             skip_special_tokens=body.skip_special_tokens, arrival=arrival)
         messages = engine_requests(spec, body, generation, logprobs=body.logprobs,
                                    prompt_logprobs=body.echo and body.logprobs is not None, timeout=timeout)

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 
 from model.messages import Failed, Finished, FinishReason, Progress, PromptLogprobs, Token
 
-from .protocol import APIError
+from .protocol import APIError, StreamOptions
 
 KEEPALIVE_SECONDS = 15.0
 
@@ -95,15 +95,16 @@ class ChoiceState:
 
 class Generation:
     def __init__(self, spec, uid: str, prompts: list[Prompt], *, n: int, keep: int, shape, echo: bool,
-                 logprobs: bool, include_usage: bool = False, continuous_usage: bool = False,
-                 include_progress: bool = False, return_token_ids: bool = False, skip_special_tokens: bool = True,
-                 arrival: float):
+                 logprobs: bool, stream_options: StreamOptions | None = None, return_token_ids: bool = False,
+                 skip_special_tokens: bool = True, arrival: float):
         """`n` choices per prompt are generated, the `keep` with the highest cumulative logprob are answered
         (best_of); `uid` names the response, and its engine requests are `part(i)`."""
         self.spec, self.uid, self.prompts, self.shape = spec, uid, prompts, shape
         self.n, self.keep, self.echo, self.want_logprobs = n, keep, echo, logprobs
-        self.include_usage, self.continuous_usage = include_usage, continuous_usage
-        self.include_progress, self.return_token_ids = include_progress, return_token_ids
+        options = stream_options or StreamOptions()
+        self.include_usage, self.include_progress = options.include_usage, options.include_progress
+        self.continuous_usage = options.include_usage and options.continuous_usage_stats  # as vLLM: both asked
+        self.return_token_ids = return_token_ids
         self.arrival = arrival
         self.created = int(time.time())
         self.choices: dict[tuple[str, int], ChoiceState] = {}
@@ -365,9 +366,13 @@ class ChatShape:
             delta = {"role": "assistant", **delta}
         item = {"index": choice.index, "delta": delta, "logprobs": _chat_logprobs(logprobs, self.top_logprobs),
                 "finish_reason": choice.finish_reason}
-        if generation.return_token_ids and choice.token_ids:
-            item["token_ids"] = choice.token_ids[-1:]
-        return TextShape._object(generation, [item], "chat.completion.chunk")
+        body = TextShape._object(generation, [item], "chat.completion.chunk")
+        if generation.return_token_ids:  # vLLM's places: the prompt's on the response, a choice's on the choice
+            if "role" in delta:
+                body["prompt_token_ids"] = choice.prompt.ids
+            if choice.token_ids:
+                item["token_ids"] = choice.token_ids[-1:]
+        return body
 
     def usage_chunk(self, generation: Generation) -> dict:
         return {**TextShape._object(generation, [], "chat.completion.chunk"), "usage": generation.usage()}
@@ -376,7 +381,12 @@ class ChatShape:
         items = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                   "logprobs": _chat_logprobs(c.logprobs, self.top_logprobs) if generation.want_logprobs else None,
                   "finish_reason": c.finish_reason} for c in choices]
-        return {**TextShape._object(generation, items, "chat.completion"), "usage": generation.usage()}
+        body = {**TextShape._object(generation, items, "chat.completion"), "usage": generation.usage()}
+        if generation.return_token_ids:
+            body["prompt_token_ids"] = generation.prompts[0].ids  # a chat has one prompt
+            for item, choice in zip(items, choices):
+                item["token_ids"] = choice.token_ids
+        return body
 
 
 def _chat_logprobs(entries: list[TokenLogprob] | None, top_logprobs: int) -> dict | None:

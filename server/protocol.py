@@ -7,6 +7,7 @@ fields listed on `ChatCompletionRequest` that this model has nothing to do with 
 from __future__ import annotations
 
 import json
+import re
 import typing
 from typing import Annotated, Any, Literal
 
@@ -216,8 +217,10 @@ class ChatMessage(BaseModel):
         if self.role not in CHAT_ROLES:
             raise APIError(400, f"messages[{index}].role is '{self.role}'; it must be one of "
                                 f"{', '.join(CHAT_ROLES)}.", param=f"messages[{index}].role", code="invalid_value")
-        if self.content is None and not (self.role == "assistant" and (self.model_extra or {}).get("tool_calls")):
-            # OpenAI's rule: only an assistant message that calls tools may leave its content out
+        calls = {key: value for key, value in (self.model_extra or {}).items() if key in ("tool_calls", "function_call")}
+        if self.content is None and not (self.role == "assistant" and any(calls.values())):
+            # OpenAI's rule: only an assistant message that calls tools (or a function, the older form) may
+            # leave its content out
             raise APIError(400, f"Missing required parameter: 'messages[{index}].content'.",
                            param=f"messages[{index}].content", code="missing_required_parameter")
         for number, part in enumerate(self.content if isinstance(self.content, list) else []):
@@ -230,7 +233,7 @@ class ChatMessage(BaseModel):
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
+            return "\n".join(part.text for part in self.content)  # as vLLM renders text parts
         return self.content or ""
 
 
@@ -260,8 +263,10 @@ class ChatCompletionRequest(SamplingFields):
     store: StrictBool | None = None
     metadata: Annotated[dict[StrictStr, Annotated[StrictStr, Field(max_length=512)]],
                         Field(max_length=16)] | None = None
-    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast"] | None = None
     prompt_cache_key: StrictStr | None = None
+    prompt_cache_retention: StrictStr | None = None
+    prompt_cache_options: dict[str, Any] | None = None
     safety_identifier: StrictStr | None = None
 
 
@@ -292,6 +297,22 @@ class DetokenizeRequest(_Strict):
     tokens: Annotated[list[StrictInt], Field(max_length=1 << 22)]
 
 
+# pydantic names a union's branches in an error's location ("str", "list[ContentPart]"); a request has no
+# such fields
+_BRANCHES = re.compile(r"str|int|float|bool|none|.*[^\w].*")
+
+
+def _param_path(location: tuple) -> str | None:
+    """An error's location as OpenAI names a parameter: messages[0].content[1].type."""
+    path = ""
+    for part in location:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not _BRANCHES.fullmatch(str(part)):
+            path += f".{part}" if path else str(part)
+    return path or None
+
+
 def parse(schema: type[BaseModel], body: bytes) -> BaseModel:
     """JSON body -> schema instance, or an APIError naming the offending parameter. Whatever the bytes, the
     answer is a 400, never a server error: invalid UTF-8, lone surrogates (valid JSON escapes that no text
@@ -319,7 +340,7 @@ def parse(schema: type[BaseModel], body: bytes) -> BaseModel:
         # A union field reports every branch; the branch of the JSON type that was sent fails on its value (a
         # list too long), the others on their type. Say the value's error, not "should be a string".
         first = next((e for e in errors if not e["type"].endswith("_type")), errors[0])
-        param = ".".join(str(part) for part in first["loc"] if not isinstance(part, int)) or None
+        param = _param_path(first["loc"])
         top = str(first["loc"][0]) if first["loc"] else None
         if first["type"] == "extra_forbidden":
             raise APIError(400, f"Unrecognized request argument supplied: {param}", param=param,

@@ -125,6 +125,23 @@ def test_chat_completion_matches_the_rendered_prompt(server):
     assert all(len(t.top_logprobs) == 2 for t in result.choices[0].logprobs.content)
 
 
+def test_chat_text_parts_are_joined_by_new_lines_and_token_ids_are_returned_when_asked(server):
+    parts = [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}]
+    payload = {"messages": [{"role": "user", "content": parts}], "max_tokens": 6, "temperature": 0,
+               "return_token_ids": True}
+    with server.client() as client:
+        body = client.post("/v1/chat/completions", json=payload).json()
+        stream = client.post("/v1/chat/completions", json={**payload, "stream": True})
+    rendered = "<user>first\nsecond\n<assistant>"  # as vLLM joins them
+    assert body["prompt_token_ids"] == ByteTokenizer().encode(rendered)
+    assert body["choices"][0]["message"]["content"] == greedy_text(server, rendered, 6)
+    assert ByteTokenizer().decode(body["choices"][0]["token_ids"]) == body["choices"][0]["message"]["content"]
+    chunks = [json.loads(line[6:]) for line in stream.text.splitlines() if line.startswith("data: {")]
+    assert chunks[0]["prompt_token_ids"] == body["prompt_token_ids"]
+    assert all("prompt_token_ids" not in chunk for chunk in chunks[1:])
+    assert [t for c in chunks for t in c["choices"][0].get("token_ids", [])] == body["choices"][0]["token_ids"]
+
+
 def test_chat_logprobs_show_exactly_top_logprobs_and_each_tokens_bytes(server):
     """Chat shows the top_logprobs likeliest tokens, no more (the sampled one is not added, unlike the legacy
     completions form), none when only logprobs is asked; each token's bytes are the bytes it stands for."""
@@ -230,6 +247,19 @@ def test_chat_refuses_by_name_what_it_cannot_read_or_do(server):
     called = chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": calls},
                    {"role": "tool", "tool_call_id": "call_1", "content": "42"}])
     assert called.status_code == 200, called.text
+    # the older form of a call (OpenAI: content may be left out "unless tool_calls or function_call")
+    called = chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
+                                                        "function_call": {"name": "f", "arguments": "{}"}},
+                   {"role": "function", "name": "f", "content": "42"}])
+    assert called.status_code == 200, called.text
+    # nested parameters are named as OpenAI names them, not by pydantic's internal branch names
+    untyped = chat([{"role": "user", "content": [{"type": "text", "text": "a"}, {"text": "b"}]}])
+    assert untyped.status_code == 400 and untyped.json()["error"]["param"] == "messages[0].content[1].type"
+    roleless = chat([{"role": "user", "content": "hi"}, {"content": "x"}])
+    assert roleless.status_code == 400 and roleless.json()["error"]["param"] == "messages[1].role"
+    hints = chat([{"role": "user", "content": "hi"}], service_tier="fast", prompt_cache_retention="24h",
+                 prompt_cache_options={"ttl": "1h"})
+    assert hints.status_code == 200, hints.text
     plain = chat([{"role": "developer", "content": "hi"}])
     cached = chat([{"role": "developer", "content": [{"type": "text", "text": "hi",
                                                      "cache_control": {"type": "ephemeral"}}]}], tool_choice="auto")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from types import SimpleNamespace
 from unittest.mock import MagicMock
@@ -14,15 +15,17 @@ from model import ByteTokenizer
 from model.messages import Finished, FinishReason, Progress, Token
 from server.engine_client import RequestStream
 from server.generation import Generation, Prompt, TextShape
+from server.protocol import StreamOptions
 
 KEEPALIVE = ": keep-alive\n\n"
 
 
-def streamed(include_progress: bool, layers: int, layer_seconds: float) -> list[str]:
+def streamed(layers: int, layer_seconds: float, **options) -> list[str]:
     """What the client is sent while the engine reports a prefill of `layers` layers, then one token."""
     spec = SimpleNamespace(tokenizer=ByteTokenizer(), metrics=MagicMock(), info=SimpleNamespace(name="m"))
     answer = Generation(spec, "cmpl-1", [Prompt([5, 6], "ab")], n=1, keep=1, shape=TextShape(), echo=False,
-                        logprobs=False, include_progress=include_progress, arrival=time.monotonic())
+                        logprobs=False, stream_options=StreamOptions(**options),
+                        arrival=time.monotonic())
     part = answer.part(0)
     stream = RequestStream("cmpl-1", [part], deadline=time.monotonic() + 60, engine_pid=0)
 
@@ -46,7 +49,7 @@ def test_a_long_prefill_whose_progress_is_not_sent_still_keeps_the_stream_alive(
     # Each layer reports well within the keep-alive interval, so the engine is never silent that long; the
     # client is, unless the stream counts silence from the last byte it sent.
     monkeypatch.setattr(generation, "KEEPALIVE_SECONDS", 0.2)
-    pieces = streamed(include_progress=False, layers=20, layer_seconds=0.05)
+    pieces = streamed(layers=20, layer_seconds=0.05)
     assert 3 <= pieces.count(KEEPALIVE) <= 5, pieces  # one second of prefill
     assert pieces[-1] == "data: [DONE]\n\n" and any('"text": "x"' in piece for piece in pieces)
 
@@ -54,6 +57,19 @@ def test_a_long_prefill_whose_progress_is_not_sent_still_keeps_the_stream_alive(
 @pytest.mark.parametrize("include_progress", [True, False])
 def test_no_keep_alive_while_the_stream_is_not_quiet(monkeypatch, include_progress):
     monkeypatch.setattr(generation, "KEEPALIVE_SECONDS", 0.5)
-    pieces = streamed(include_progress=include_progress, layers=4, layer_seconds=0.05)
+    pieces = streamed(layers=4, layer_seconds=0.05, include_progress=include_progress)
     assert KEEPALIVE not in pieces
     assert sum(piece.startswith(": prefill") for piece in pieces) == (4 if include_progress else 0)
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_usage_on_every_chunk_only_when_the_usage_is_asked_for_too(include_usage):
+    """vLLM's rule: continuous_usage_stats adds to include_usage, it does not stand alone."""
+    pieces = streamed(layers=1, layer_seconds=0, include_usage=include_usage, continuous_usage_stats=True)
+    chunks = [json.loads(piece[6:]) for piece in pieces if piece.startswith("data: {")]
+    with_choices = [chunk for chunk in chunks if chunk["choices"]]
+    if include_usage:
+        assert [chunk["usage"]["completion_tokens"] for chunk in with_choices] == [1] * len(with_choices)
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 3
+    else:
+        assert all("usage" not in chunk for chunk in chunks)
