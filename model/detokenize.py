@@ -19,6 +19,11 @@ class TextStream:
         self.skip_special = skip_special
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.ids = list(context or [])[-6:]  # the prompt's last tokens, as decoding context
+        # A prompt of token ids can end inside a character. Its bytes decode to more replacement characters
+        # than the character they later complete, so the text after it would be measured from too far on and
+        # lost; such a tail is the prompt's text, not context for the completion's.
+        while self.ids and tokenizer.decode(self.ids).endswith("\ufffd"):
+            self.ids.pop()
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         self.text = ""  # completion text decoded so far

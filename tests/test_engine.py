@@ -57,6 +57,14 @@ def test_text_stream_holds_back_partial_characters_and_stop_prefixes():
     assert "".join(plain.push(t)[0] for t in tokenizer.encode("日本")) + plain.finish() == "日本"
 
 
+def test_text_after_a_prompt_that_ends_inside_a_character_is_not_lost():
+    tokenizer = ByteTokenizer()
+    smile, after = tokenizer.encode("😀"), tokenizer.encode("aaa")
+    stream = TextStream(tokenizer, context=tokenizer.encode("\0") + smile[:2])  # a prompt of ids, cut mid-character
+    text = "".join(stream.push(t)[0] for t in smile[2:] + after) + stream.finish()
+    assert text == tokenizer.decode(smile[2:] + after) == "\ufffd\ufffdaaa"  # what the generated ids say
+
+
 def test_text_stream_can_keep_the_stop_string_and_show_special_tokens():
     tokenizer = ByteTokenizer()
     kept = TextStream(tokenizer, stop=("END",), include_stop=True)
