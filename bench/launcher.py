@@ -27,7 +27,8 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(self, model: str | Path | None, *args: str, api_key: str | None = None, log_path: Path | None = None,
-                 ready_timeout: float = 180):
+                 ready_timeout: float | None = 180):
+        """Start the server; wait until it is ready unless `ready_timeout` is None."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
@@ -40,7 +41,8 @@ class ServerProcess:
         self.log = open(self.log_path, "w")
         self.process = subprocess.Popen(command, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
                                         start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        self.wait_ready(ready_timeout)
+        if ready_timeout is not None:
+            self.wait_ready(ready_timeout)
 
     @property
     def headers(self) -> dict[str, str]:

@@ -33,17 +33,17 @@ def build_server(settings: ServerSettings):
                     "full %d tokens at once (shorter ones borrow fewer blocks)", cache.budget_bytes / 2**30,
                     cache.budget_source, cache.slots, settings.max_running, cache.full_length_sequences,
                     cache.max_length)
+    device, sampling_defaults = settings.resolved_device(), settings.sampling_defaults()  # exit early if bad
     metrics_dir, made = metrics.prepare_directory()  # before prometheus_client is imported
     import litserve as ls
 
     from .spec import ModelInfo, OpenAISpec
     from .worker import ReformerAPI
 
-    device = settings.resolved_device()
     info = ModelInfo(name=settings.model_name, max_context=settings.max_context(config), vocab_size=config.vocab_size,
                      eos_token_id=config.eos_token_id,
                      embedding_size=2 * config.hidden_size, causal=config.is_decoder, created=int(time.time()), cache=cache.describe(),
-                     sampling_defaults=settings.sampling_defaults())
+                     sampling_defaults=sampling_defaults)
     shared = lifecycle.SharedState()
     spec = OpenAISpec(settings, info, shared)
     api = ReformerAPI(settings, spec, shared, cache)
@@ -55,6 +55,7 @@ def build_server(settings: ServerSettings):
     server.uvicorn_graceful_timeout = lifecycle.UVICORN_GRACE  # LitServe's 30 s would outlast any drain budget
     server.monitor_internal = 0.5  # how often LitServe looks for a dead worker to restart (its default: 2 s)
     _take_signals_in_http_processes(server, shared)
+    _keep_http_processes(server)
     error_bodies.install(server.app)
     openapi.document(server.app, title="Reformer inference server", version=__version__)
     security.secure(server.app, settings.api_key, settings.cors_allow_origin or [])
@@ -75,6 +76,17 @@ def _take_signals_in_http_processes(server, shared: lifecycle.SharedState) -> No
     server.app.router.lifespan_context = lifespan
 
 
+def _keep_http_processes(server) -> None:
+    """LitServe keeps its HTTP processes to itself; the supervisor watches them (`lifecycle`)."""
+    start_server = server._start_server
+
+    def start_and_keep(*args, **kwargs):
+        server.http_processes = start_server(*args, **kwargs)
+        return server.http_processes
+
+    server._start_server = start_and_keep
+
+
 def run(settings: ServerSettings) -> None:
     configure_logging(settings.log_level)
     try:
@@ -92,6 +104,14 @@ def run(settings: ServerSettings) -> None:
         server.run(host=settings.host, port=settings.port, num_api_servers=settings.api_servers,
                    generate_client_file=False, log_level=settings.log_level.lower(), timeout_keep_alive=30,
                    http=protocol, h11_max_incomplete_event_size=settings.max_header_bytes)
+    except RuntimeError as error:
+        if not str(error).startswith("One or more workers failed to start"):
+            raise
+        if shared.stopping and supervisor.exit_code == 0:  # a signal came while the model loaded
+            log.info("stopped before the model was loaded")
+            sys.exit(0)
+        log.error("the engine worker did not start (the lines above say why)")  # not LitServe's traceback
+        sys.exit(1)
     finally:
         if temporary_metrics:  # each start made one in /tmp: they piled up
             shutil.rmtree(temporary_metrics, ignore_errors=True)

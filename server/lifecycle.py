@@ -10,7 +10,9 @@ until the main process says STOPPING, so a drain is the same whichever processes
 
 The engine worker writes a heartbeat from a thread of its own; an HTTP process that sees it stop fails the
 requests it has in flight at once. LitServe then starts a new worker; too many restarts end the server
-with exit code 1, so a supervisor (Docker, systemd, Kubernetes) can see it.
+with exit code 1, so a supervisor (Docker, systemd, Kubernetes) can see it. So do the deaths LitServe would
+not notice: of the worker while it first loads the model (LitServe waits for it forever) and of an HTTP
+process (nothing restarts it, and the socket it served stays bound, so connections hang).
 """
 
 from __future__ import annotations
@@ -147,13 +149,16 @@ class Supervisor:
         self._hurry = threading.Event()
         self._stopping = threading.Lock()
         self._first_signal = 0.0
+        self._ready = False  # a worker has been ready once (from then on LitServe watches and restarts workers)
+        self._restarts: deque[float] = deque()  # when the engine worker was restarted, within RESTART_WINDOW
+        self._engine_seen: int | None = None  # the engine worker's pid when last looked at
 
     def install(self) -> None:
         """Before LitServe forks: its manager inherits these handlers, and (not being the main process)
         ignores the signals, so a signal to the group cannot take the queues away mid-drain."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        threading.Thread(target=self._watch_engine, name="engine-restarts", daemon=True).start()
+        threading.Thread(target=self._watch, name="process-watch", daemon=True).start()
 
     def _on_signal(self, signum, frame) -> None:
         if os.getpid() != self._pid:
@@ -186,23 +191,71 @@ class Supervisor:
         while self.server._shutdown_event is None:  # run() has not made its manager yet
             time.sleep(0.05)
         self.server._shutdown_event.set()  # LitServe's own shutdown: uvicorn, the worker, the manager
+        if not self._ready:  # LitServe waits for the loading worker and looks at no event: end the load
+            for worker in self._workers():
+                worker.terminate()
+                worker.join(WORKER_JOIN)
+            self._fail_startup()
 
-    def _watch_engine(self) -> None:
-        """Each new worker process LitServe holds is a restart (a death during loading counts too)."""
-        restarts: deque[float] = deque()
-        seen = None
+    # ---- watching the processes -------------------------------------------------------------------------------
+    def _workers(self) -> list:
+        return list(getattr(self.server, "inference_workers", None) or [])
+
+    def _startup_status(self) -> dict:
+        return getattr(self.server, "workers_setup_status", None) or {}
+
+    def _fail_startup(self) -> None:
+        """What a worker reports when its setup raised: LitServe's start-up wait then raises and `run` ends."""
+        from litserve.utils import WorkerSetupStatus
+
+        status = self._startup_status()
+        for key, value in list(status.items()):
+            if value == WorkerSetupStatus.STARTING:
+                status[key] = WorkerSetupStatus.ERROR
+
+    def _watch_startup(self) -> None:
+        from litserve.utils import WorkerSetupStatus
+
+        if any(value == WorkerSetupStatus.READY for value in self._startup_status().values()):
+            self._ready = True
+            return
+        dead = [worker for worker in self._workers() if worker.exitcode is not None]
+        if dead:
+            log.error("the engine worker died while loading the model (exit code %s)", dead[0].exitcode)
+            self._fail_startup()
+
+    def _watch(self) -> None:
         while not self.shared.stopping:
-            workers = getattr(self.server, "inference_workers", None)
-            pid = workers[0].pid if workers else None
-            if seen is not None and pid != seen:
-                restarts.append(time.monotonic())
-                while restarts[0] < time.monotonic() - RESTART_WINDOW:
-                    restarts.popleft()
-                log.error("the engine worker died and was restarted (%d time(s) in %.0f s)", len(restarts),
-                          RESTART_WINDOW)
-                if len(restarts) > MAX_ENGINE_RESTARTS:
-                    self.exit_code = 1
-                    self.stop("the engine keeps dying")
-                    return
-            seen = pid if pid is not None else seen
+            if not self._ready:
+                self._watch_startup()
+            elif self._watch_engine() or self._watch_http():
+                return
             time.sleep(0.2)
+
+    def _watch_http(self) -> bool:
+        for process in (getattr(self.server, "http_processes", None) or {}).values():
+            if getattr(process, "exitcode", None) is not None and not self.shared.stopping:
+                log.error("an HTTP process died (exit code %s); the server ends so that its supervisor starts it "
+                          "again", process.exitcode)
+                self.exit_code = 1
+                self.stop("an HTTP process died")
+                return True
+        return False
+
+    def _watch_engine(self) -> bool:
+        """Each new worker process LitServe holds is a restart; too many in RESTART_WINDOW end the server."""
+        workers = self._workers()
+        pid = workers[0].pid if workers else None
+        restarts = self._restarts
+        if self._engine_seen is not None and pid != self._engine_seen:
+            restarts.append(time.monotonic())
+            while restarts[0] < time.monotonic() - RESTART_WINDOW:
+                restarts.popleft()
+            log.error("the engine worker died and was restarted (%d time(s) in %.0f s)", len(restarts),
+                      RESTART_WINDOW)
+            if len(restarts) > MAX_ENGINE_RESTARTS:
+                self.exit_code = 1
+                self.stop("the engine keeps dying")
+                return True
+        self._engine_seen = pid if pid is not None else self._engine_seen
+        return False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -49,6 +50,23 @@ class ModelInfo:
     sampling_defaults: dict  # the checkpoint's generation_config.json: what a request that does not say gets
 
 
+@dataclass
+class CountedRoute:
+    """A request is in flight for the drain from its arrival, not only once admitted: one whose body is still
+    coming or whose prompt is being encoded when the signal comes is waited for, not failed (its admission,
+    which counts it from then on, begins before this ends). A class, not a closure: the spec is pickled."""
+
+    handle: Callable[[Request], Awaitable[Response]]
+    shared: SharedState
+
+    async def __call__(self, request: Request) -> Response:
+        self.shared.add_inflight(1)
+        try:
+            return await self.handle(request)
+        finally:
+            self.shared.add_inflight(-1)
+
+
 class OpenAISpec(LitSpec):
     def __init__(self, settings: ServerSettings, info: ModelInfo, shared: SharedState):
         super().__init__()
@@ -59,9 +77,9 @@ class OpenAISpec(LitSpec):
         self._process_state = {}
         READ = ["GET", "HEAD"]  # HTTP: what answers GET answers HEAD (load balancers' probes send it)
         for path, handler, methods in [
-            ("/v1/completions", CompletionsRoute(self).handle, ["POST"]),
-            ("/v1/chat/completions", ChatRoute(self).handle, ["POST"]),
-            ("/v1/embeddings", EmbeddingsRoute(self).handle, ["POST"]),
+            ("/v1/completions", CountedRoute(CompletionsRoute(self).handle, shared), ["POST"]),
+            ("/v1/chat/completions", CountedRoute(ChatRoute(self).handle, shared), ["POST"]),
+            ("/v1/embeddings", CountedRoute(EmbeddingsRoute(self).handle, shared), ["POST"]),
             ("/v1/models", self.models, READ), ("/v1/models/{model_id:path}", self.model, READ),
             ("/tokenize", self.tokenize, ["POST"]),
             ("/detokenize", self.detokenize, ["POST"]), ("/health", self.health, READ),

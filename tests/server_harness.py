@@ -49,9 +49,22 @@ def engine_pid(server: ServerProcess) -> int | None:
     return workers[0] if len(workers) == 1 else None
 
 
+def http_pids(server: ServerProcess) -> list[int]:
+    """The HTTP (uvicorn) processes: forked from the main process after its manager, so they run its command
+    line and started last."""
+    main = server.process.pid
+    command = open(f"/proc/{main}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+    forked = []
+    for pid, line in server_processes(server).items():
+        stat = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        if pid != main and line == command and int(stat[1]) == main:  # stat[1]: the parent
+            forked.append((int(stat[19]), pid))  # stat[19]: start time
+    return [pid for _, pid in sorted(forked)[1:]]  # the first is LitServe's manager
+
+
 class RunningServer(ServerProcess):
     """The server with the tests' API key (unless told otherwise) and its log beside the model."""
 
-    def __init__(self, model: Path, *args: str, api_key: str | None = API_KEY):
+    def __init__(self, model: Path, *args: str, api_key: str | None = API_KEY, ready_timeout: float | None = 180):
         super().__init__(model, "--log-level", "warning", *args, api_key=api_key,  # args may set another level
-                         log_path=model.parent / f"server-{model.name}.log")
+                         log_path=model.parent / f"server-{model.name}.log", ready_timeout=ready_timeout)

@@ -178,7 +178,11 @@ def test_probes_grace_and_compose_fit_the_drain():
     assert container["startupProbe"]["httpGet"]["path"] == "/ready"  # the model is loaded and warm
     # A signal ends the server within the drain timeout plus the shutdown's fixed steps; the platform must
     # wait that long before its SIGKILL (tests/test_lifecycle.py measures the real time against the same sum).
-    assert pod["terminationGracePeriodSeconds"] >= int(env["REFORMER_DRAIN_TIMEOUT"]) + SHUTDOWN_OVERHEAD
+    # and first its preStop pause, which lets the endpoint's removal reach the load balancers
+    pause = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pause[0] == "sleep" and int(pause[1]) >= 5
+    assert pod["terminationGracePeriodSeconds"] >= int(pause[1]) + int(env["REFORMER_DRAIN_TIMEOUT"]) + \
+        SHUTDOWN_OVERHEAD
     compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())["services"]["reformer"]
     drain = int(compose["environment"]["REFORMER_DRAIN_TIMEOUT"])
     assert int(compose["stop_grace_period"].rstrip("s")) >= drain + SHUTDOWN_OVERHEAD

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -14,8 +15,9 @@ import httpx
 import openai
 import pytest
 
-from server.lifecycle import SHUTDOWN_OVERHEAD
-from tests.server_harness import API_KEY, RunningServer, engine_pid, server_processes, tiny_checkpoint
+from server.lifecycle import SHUTDOWN_OVERHEAD, STOP_GRACE, UVICORN_GRACE, WORKER_JOIN
+from tests.server_harness import (API_KEY, RunningServer, engine_pid, http_pids, server_processes,
+                                  tiny_checkpoint)
 
 CONTEXT = 8192  # long enough for streams that outlast a test's fault
 LONG = 6000
@@ -198,6 +200,42 @@ def test_an_engine_that_keeps_dying_ends_the_server_with_exit_code_1(checkpoint)
     running.stop()
 
 
+def test_a_dead_http_process_ends_the_server_with_exit_code_1(checkpoint):
+    """Nothing restarts an HTTP process, and its socket stays bound in the main process (connections would
+    hang): the server must end, so that its supervisor starts it again."""
+    running = RunningServer(checkpoint)
+    (http,) = http_pids(running)
+    os.kill(http, signal.SIGKILL)
+    assert running.process.wait(timeout=30) == 1
+    assert "an HTTP process died" in running.log_text()
+    assert wait_until(lambda: not server_processes(running), 10), server_processes(running)
+    running.stop()
+
+
+def start_and_act_while_loading(checkpoint, act) -> RunningServer:
+    """A server whose engine worker is acted on as soon as it exists (it then imports torch for seconds)."""
+    running = RunningServer(checkpoint, "--log-level", "info", ready_timeout=None)
+    assert wait_until(lambda: engine_pid(running) is not None, 60, 0.02)
+    act(running)
+    return running
+
+
+def test_an_engine_that_dies_while_loading_ends_the_server_with_exit_code_1(checkpoint):
+    running = start_and_act_while_loading(checkpoint, lambda r: os.kill(engine_pid(r), signal.SIGKILL))
+    assert running.process.wait(timeout=30) == 1  # LitServe alone waited for it forever
+    assert "died while loading the model" in running.log_text() and "Traceback" not in running.log_text()
+    assert wait_until(lambda: not server_processes(running), 10), server_processes(running)
+    running.stop()
+
+
+def test_a_signal_while_the_model_loads_stops_the_server_at_once(checkpoint):
+    running = start_and_act_while_loading(checkpoint, lambda r: os.kill(r.process.pid, signal.SIGTERM))
+    assert running.process.wait(timeout=WORKER_JOIN + 10) == 0
+    assert "stopped before the model was loaded" in running.log_text()  # LitServe alone waited for the load
+    assert wait_until(lambda: not server_processes(running), 10), server_processes(running)
+    running.stop()
+
+
 # ---- signals and the drain -------------------------------------------------------------------------------------
 def test_sigint_to_the_process_group_drains_like_sigterm(checkpoint):
     """Ctrl-C (or systemd's stop) signals every process of the group; the stream in flight still completes
@@ -252,4 +290,23 @@ def test_a_drain_that_runs_out_of_time_ends_streams_with_an_error_and_exits_on_t
     print(f"signal to exit: {took:.1f} s with a {drain:.0f} s drain")
     assert took < drain + SHUTDOWN_OVERHEAD
     assert wait_until(lambda: not server_processes(running), 10), server_processes(running)
+    running.stop()
+
+
+def test_a_request_still_sending_its_body_when_the_drain_begins_is_waited_for(checkpoint):
+    """It arrived before the signal: the drain must count it although it is not admitted yet."""
+    running = RunningServer(checkpoint, "--drain-timeout", "30", api_key=None)
+    body = json.dumps({"prompt": "a slow upload", "max_tokens": 5, "temperature": 0}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", running.port), timeout=30) as connection:
+        connection.sendall(head + body[:10])
+        time.sleep(0.5)  # its handler is reading the body
+        os.kill(running.process.pid, signal.SIGTERM)
+        time.sleep(STOP_GRACE + UVICORN_GRACE + 1)  # longer than a shutdown that did not wait for it takes
+        connection.sendall(body[10:])
+        answer = connection.makefile("rb").read()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:400]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["choices"][0]["finish_reason"] == "length"
+    assert running.process.wait(timeout=30) == 0
     running.stop()
