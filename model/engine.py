@@ -173,8 +173,11 @@ class Engine:
         except Exception as error:  # noqa: BLE001 - a bug must not leave requests hanging or slots taken
             log.exception("engine iteration failed; failing every request in flight")
             self.fail_all(events, 500, f"internal engine error: {error}", ErrorCode.INTERNAL)
-        if self.metrics:
-            self.metrics.engine_state(running=len(self.running), waiting=len(self.waiting) + len(self.waiting_embeds),
+        if self.metrics:  # running, as vLLM counts it: in a prefill (or an embedding forward) too
+            started = [*(self.work.members if self.work else []), *self.taken]
+            in_forward = sum(len(job.choices) if isinstance(job, GenerateJob) else 1 for job in started)
+            self.metrics.engine_state(running=len(self.running) + in_forward,
+                                      waiting=len(self.waiting) + len(self.waiting_embeds),
                                       cache_usage=self.decoder.usage)
         return events
 
@@ -328,9 +331,9 @@ class Engine:
         layers = self.model.config.num_layers * len(length_groups(lengths, padded_length, self.prefill_batch_tokens))
         self.taken = []
         for job in members:
-            job.started = now
-            if self.metrics:
+            if job.started is None and self.metrics:  # once: a member of a failed batch is retried alone
                 self.metrics.queue_time(now - job.arrival)
+            job.started = job.started or now
         return Work("embed" if embeds else "prefill", members, steps, layers, tokens, now)
 
     def _advance(self, events: Events) -> None:

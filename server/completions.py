@@ -146,7 +146,7 @@ class CompletionsRoute(GenerationRoute):
             raise APIError(400, "'max_tokens' 0 is only useful with 'echo' (scoring a text).", param="max_tokens",
                            code="invalid_value")
         if body.user:
-            log.info("completion for user %r", body.user)
+            log.info("completion for user %.80r", body.user)  # the field has no length limit
         generation = Generation(
             spec, f"cmpl-{uuid.uuid4().hex}", self._prompts(body), n=best_of, keep=body.n, shape=TextShape(),
             echo=body.echo, logprobs=body.logprobs is not None,

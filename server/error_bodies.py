@@ -23,5 +23,6 @@ async def _routing_error(request, error: StarletteHTTPException):
 
 
 async def _defect(request, error: Exception):
+    request_id = getattr(request.state, "request_id", None)  # so the report can name it
     return APIError(500, "The server failed on this request; the failure is logged. Please report it.",
-                    code="internal_error").response()
+                    code="internal_error", headers={"X-Request-Id": request_id} if request_id else None).response()

@@ -91,6 +91,7 @@ class ChoiceState:
     finish_reason: str | None = None
     echoed: bool = False  # the prompt went out (echo)
     announced: bool = False  # the role went out (chat)
+    last_token_at: float | None = None  # inter-token latency is per sequence, as vLLM's
 
 
 class Generation:
@@ -114,7 +115,6 @@ class Generation:
                                       skip_special=skip_special_tokens)
                 self.choices[(self.part(i), j)] = ChoiceState(i * keep + j, prompt, offsets)
         self.first_token_at: float | None = None
-        self.last_token_at: float | None = None
         self.outcome: Finished | Failed | None = None
 
     def part(self, i: int) -> str:
@@ -145,13 +145,13 @@ class Generation:
     def _on_token(self, output: Token) -> ChoiceState:
         now = time.monotonic()
         metrics = self.spec.metrics
+        choice = self.choices[(output.uid, output.index)]
         if self.first_token_at is None:
             metrics.ttft.observe(now - self.arrival)
             self.first_token_at = now
-        else:
-            metrics.itl.observe(now - self.last_token_at)
-        self.last_token_at = now
-        choice = self.choices[(output.uid, output.index)]
+        if choice.last_token_at is not None:  # not across choices: their tokens come in the same message
+            metrics.itl.observe(now - choice.last_token_at)
+        choice.last_token_at = now
         choice.text += output.text
         choice.token_ids.append(output.token)
         choice.cumulative_logprob += output.logprob

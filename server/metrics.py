@@ -45,7 +45,8 @@ class Metrics:
         self.e2e = vllm(Histogram, "vllm:e2e_request_latency_seconds", "Arrival to last byte.", buckets=LATENCY_BUCKETS)
         self.queue = vllm(Histogram, "vllm:request_queue_time_seconds", "Engine arrival to the start of its prefill.",
                           buckets=LATENCY_BUCKETS)
-        self.running = vllm(Gauge, "vllm:num_requests_running", "Sequences decoding.", multiprocess_mode="livesum")
+        self.running = vllm(Gauge, "vllm:num_requests_running", "Sequences in a prefill or decoding (an embedding "
+                            "request in its forward counts one).", multiprocess_mode="livesum")
         self.waiting = vllm(Gauge, "vllm:num_requests_waiting", "Requests waiting for the engine.",
                             multiprocess_mode="livesum")
         self.prompt_tokens = vllm(Counter, "vllm:prompt_tokens", "Prompt (and embedded) tokens processed.")
@@ -59,8 +60,9 @@ class Metrics:
         self.prefill_tokens = Counter("reformer:prefill_tokens", "Tokens through prefill and embedding forwards.")
         self.failed = Counter("reformer:requests_failed", "Admitted requests ended by an error (deadline, engine "
                               "failure, shutdown), by error code.", ["code"])
-        self.rejected = Counter("reformer:requests_rejected", "Requests refused before the engine, by status.",
-                                ["status"])
+        self.rejected = Counter("reformer:requests_rejected", "Requests refused before the engine, by status and "
+                                "error code (a 429 for requests or tokens, a 503 for draining or loading).",
+                                ["status", "code"])
         self.cache_usage = vllm(Gauge, "vllm:kv_cache_usage_perc", "Fraction of the decode cache lent out (1 = full): "
                                 "LSH layers' blocks, or slots for a model without LSH layers.",
                                 multiprocess_mode="livesum")

@@ -18,6 +18,8 @@ class RequestIdMiddleware:
             return await self.app(scope, receive, send)
         given = next((value for name, value in scope["headers"] if name == b"x-request-id"), b"")
         request_id = given if GIVEN.fullmatch(given) else f"req_{uuid.uuid4().hex}".encode()
+        # for the answer to a defect (error_bodies), which Starlette sends past this middleware
+        scope.setdefault("state", {})["request_id"] = request_id.decode()
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":

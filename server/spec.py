@@ -191,7 +191,7 @@ class OpenAISpec(LitSpec):
         return body, self._timeout(request)
 
     def refuse(self, error: APIError) -> Response:
-        self.metrics.rejected.labels(status=str(error.status)).inc()
+        self.metrics.rejected.labels(status=str(error.status), code=error.code or "none").inc()  # codes: a fixed set
         return error.response()
 
     def encode_prompt(self, text: str, param: str, truncating: bool) -> list[int]:

@@ -110,14 +110,14 @@ HOSTILE_BODIES = [
 
 @pytest.mark.parametrize("path, body", HOSTILE_BODIES)
 def test_hostile_bytes_get_a_400_and_the_connection_stays_usable(server, path, body):
-    rejected = server.metric('reformer:requests_rejected_total{status="400"}')
+    rejected = server.metric('reformer:requests_rejected_total{status="400",code="invalid_json"}')
     with server.client(limits=httpx.Limits(max_connections=1)) as client:
         response = client.post(path, content=body, headers={"content-type": "application/json"})
         assert response.status_code == 400, response.text
         assert response.json()["error"]["code"] == "invalid_json"
         after = client.post("/v1/completions", json={"prompt": "still here", "max_tokens": 2})  # same connection
         assert after.status_code == 200
-    assert server.metric('reformer:requests_rejected_total{status="400"}') == rejected + 1
+    assert server.metric('reformer:requests_rejected_total{status="400",code="invalid_json"}') == rejected + 1
 
 
 # ---- connections -------------------------------------------------------------------------------------------

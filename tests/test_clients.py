@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 
 from model import ByteTokenizer, SamplingParams, generate, load_model
 from server import error_bodies
+from server.request_ids import RequestIdMiddleware
 from server.generation import ChoiceState, Prompt, best_of
 from server.protocol import ChatCompletionChunk, ChatCompletionResponse, CompletionResponse, EmbeddingResponse
 from tests.server_harness import API_KEY, RunningServer, tiny_checkpoint
@@ -199,14 +200,18 @@ def test_a_defect_still_answers_an_openai_error_body():
     """No request should reach it; one that does gets JSON a client can read, not a text/plain 500."""
     app = FastAPI()
     error_bodies.install(app)
+    app.add_middleware(RequestIdMiddleware)
 
     @app.get("/broken")
     def broken():
         raise RuntimeError("a defect")
 
-    response = TestClient(app, raise_server_exceptions=False).get("/broken")
+    client = TestClient(app, raise_server_exceptions=False)
+    response = client.get("/broken")
     assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
     assert response.json()["error"]["type"] == "server_error"
+    assert response.headers["x-request-id"].startswith("req_")  # so the report can name the logged failure
+    assert client.get("/broken", headers={"X-Request-Id": "mine-42"}).headers["x-request-id"] == "mine-42"
 
 
 def test_benchmark_clients_may_send_both_names_of_the_completion_limit(server):

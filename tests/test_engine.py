@@ -2,6 +2,7 @@
 faults that stay with the request that caused them."""
 
 import time
+from unittest.mock import MagicMock
 
 import pytest
 import torch
@@ -328,6 +329,30 @@ def test_requests_taken_from_the_queue_are_failed_and_freed_when_setting_up_thei
     monkeypatch.undo()
     engine.submit(GenerateRequest("after", (5, 6), GREEDY))
     assert tokens_of(run(engine), "after") == alone(model, [5, 6])
+
+
+def test_running_counts_requests_in_their_prefill_and_queue_time_is_observed_once(model, monkeypatch):
+    metrics = MagicMock()
+    engine = Engine(model, ByteTokenizer(), max_running=4, metrics=metrics)
+    engine.submit(GenerateRequest("long", tuple(range(3, 200)), GREEDY, n=2))
+    engine.iteration()  # the prefill's first layer: no slot decodes yet
+    assert engine.running == {} and metrics.engine_state.call_args.kwargs["running"] == 2  # its n sequences
+    run(engine)
+    assert metrics.engine_state.call_args.kwargs["running"] == 0
+    # a batch that fails is retried member by member: each waited in the queue once
+    metrics.reset_mock()
+    real = engine.decoder.prefill_steps
+    calls = []
+
+    def fails_batched(prompts, **kwargs):
+        calls.append(len(prompts))
+        return (1 / 0 for _ in range(1)) if len(prompts) > 1 else real(prompts, **kwargs)
+
+    monkeypatch.setattr(engine.decoder, "prefill_steps", fails_batched)
+    for uid in ("a", "b"):
+        engine.submit(GenerateRequest(uid, (5, 6), GREEDY))
+    run(engine)
+    assert calls == [2, 1, 1] and metrics.queue_time.call_count == 2
 
 
 def test_command_line_needs_a_model_until_the_default_exists(tmp_path, monkeypatch):

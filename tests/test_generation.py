@@ -73,3 +73,19 @@ def test_usage_on_every_chunk_only_when_the_usage_is_asked_for_too(include_usage
         assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 3
     else:
         assert all("usage" not in chunk for chunk in chunks)
+
+
+def test_inter_token_latency_is_measured_per_choice():
+    """n choices' tokens come together each step: the gap between steps is the latency, not the gap between
+    one choice's token and its sibling's (nearly zero), nor a sibling's first token."""
+    spec = SimpleNamespace(tokenizer=ByteTokenizer(), metrics=MagicMock(), info=SimpleNamespace(name="m"))
+    answer = Generation(spec, "cmpl-1", [Prompt([5, 6], "ab")], n=2, keep=2, shape=TextShape(), echo=False,
+                        logprobs=False, arrival=time.monotonic())
+    part = answer.part(0)
+    for step in range(3):
+        for index in (0, 1):
+            answer._on_token(Token(part, 70, "x", -0.1, [], index=index))
+        time.sleep(0.05)
+    gaps = [call.args[0] for call in spec.metrics.itl.observe.call_args_list]
+    assert len(gaps) == 4 and all(gap >= 0.04 for gap in gaps), gaps  # two later steps of two choices
+    assert spec.metrics.ttft.observe.call_count == 1
