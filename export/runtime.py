@@ -42,12 +42,15 @@ def create_session(path: str | Path, device: str) -> ort.InferenceSession:
     if not cuda:
         options.intra_op_num_threads = torch.get_num_threads()  # the process's budget, as the server set it
     if cuda:
-        # CUDA only, and no silent fallback: a GPU server must not quietly run its graphs on the CPU.
-        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        # CUDA only. Not `session.disable_cpu_ep_fallback`: the CUDA provider itself leaves shape arithmetic
+        # (Shape, Gather, Concat on int64) to the CPU, and that option refuses any graph with such nodes. A
+        # provider that did not load at all is caught below (onnxruntime would run everything on the CPU).
         providers = [("CUDAExecutionProvider", {"device_id": torch.device(device).index or 0})]
     else:
         providers = ["CPUExecutionProvider"]
     advice = "install onnxruntime-gpu with CUDA 13 and cuDNN 9, or serve with --device cpu"
+    if not Path(path).is_file() or Path(path).stat().st_size == 0:  # an empty file is "InvalidArgument"
+        raise DamagedGraph(f"onnxruntime could not load {path}: it is missing or empty")
     try:
         session = ort.InferenceSession(str(path), options, providers=providers)
     except (NoSuchFile, InvalidProtobuf, InvalidGraph) as error:
@@ -101,6 +104,19 @@ def model_digest(model) -> str:
     return digest.hexdigest()
 
 
+# The code the graphs are traced from: the model's modules and the exporter's. Any change to them may change
+# a graph's inputs, outputs or arithmetic, and FORMAT is bumped by hand (once it was not).
+TRACED_CODE = sorted((Path(__file__).parents[1] / "model").glob("*.py")) + [Path(__file__).with_name("exporter.py"),
+                                                                           Path(__file__).with_name("graphs.py")]
+
+
+def code_digest() -> str:
+    digest = hashlib.sha256()
+    for path in TRACED_CODE:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def graphs_mismatch(directory: str | Path, pool: dict, dtype: str, digest: str) -> str | None:
     """None when `directory` holds graphs of the model with `digest` for this pool and dtype; otherwise what
     it holds instead, in words."""
@@ -113,6 +129,8 @@ def graphs_mismatch(directory: str | Path, pool: dict, dtype: str, digest: str) 
         return f"an unreadable manifest ({error})"
     if written.get("model") != digest:
         return "graphs of other weights" if written.get("model") else "graphs of unrecorded weights"
+    if written.get("code") != code_digest():
+        return "graphs made by other code (this server's model or exporter changed since)"
     if (written.get("pool"), written.get("format"), written.get("dtype")) != (pool, FORMAT, dtype):
         return f"graphs for {written.get('pool')} in {written.get('dtype')} ({written.get('format')})"
     return None

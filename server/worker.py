@@ -17,7 +17,7 @@ from litserve.loops import ContinuousBatchingLoop
 
 from model.checkpoint import load_model
 from model.engine import Engine
-from model.messages import GenerateRequest
+from model.messages import EmbedRequest, Failed, GenerateRequest
 from model.sampling import SamplingParams
 from model.tokenizer import load_tokenizer
 
@@ -168,11 +168,16 @@ class ReformerAPI(ls.LitAPI):
         model.to(device)
 
     def _warm_up(self) -> None:
-        """One prefill and a few steps before reporting ready (first CUDA kernels, graph capture)."""
+        """One prefill, a few steps and one embedding before reporting ready (first CUDA kernels, graph
+        capture). The engine turns a failure into an answer to its request: here that answer stops the start,
+        or a backend that cannot run (graphs of other code, a CUDA error) would be ready and fail every request."""
         engine = self.engine
         engine.submit(GenerateRequest("warm-up", (3, 4, 5), SamplingParams(max_tokens=4, temperature=0.0), route=-1))
+        engine.submit(EmbedRequest("warm-up-embedding", ((3, 4, 5),), route=-1))
         while engine.has_work():
-            engine.iteration()
+            for _, output in engine.iteration():
+                if isinstance(output, Failed):
+                    raise RuntimeError(f"the engine failed its warm-up ({output.uid}): {output.message}")
 
     def has_active_requests(self) -> bool:
         return self.engine is not None and self.engine.has_work()

@@ -2,6 +2,7 @@
 faults that stay with the request that caused them."""
 
 import time
+from types import SimpleNamespace
 from unittest.mock import MagicMock
 
 import pytest
@@ -14,6 +15,7 @@ from model.messages import (Cancel, EmbedRequest, Embeddings, ErrorCode, Failed,
                             GenerateRequest, Token)
 from model.sampling import MIN_TEMPERATURE, InvalidParameter, Sampler, TokenChoice
 from server.settings import parse_args
+from server.worker import ReformerAPI
 from tests.server_harness import tiny_checkpoint
 
 GREEDY = SamplingParams(max_tokens=9, temperature=0.0)
@@ -353,6 +355,17 @@ def test_running_counts_requests_in_their_prefill_and_queue_time_is_observed_onc
         engine.submit(GenerateRequest(uid, (5, 6), GREEDY))
     run(engine)
     assert calls == [2, 1, 1] and metrics.queue_time.call_count == 2
+
+
+@pytest.mark.parametrize("broken", ["prefill_steps", "embed_steps"])
+def test_a_backend_that_cannot_run_fails_the_warm_up_instead_of_reporting_ready(model, monkeypatch, broken):
+    engine = Engine(model, ByteTokenizer(), max_running=2)
+    target = engine.decoder if broken == "prefill_steps" else engine
+    monkeypatch.setattr(target, broken, lambda *args, **kwargs: (1 / 0 for _ in range(1)))  # fails when run
+    with pytest.raises(RuntimeError, match="failed its warm-up"):
+        ReformerAPI._warm_up(SimpleNamespace(engine=engine))
+    monkeypatch.undo()
+    ReformerAPI._warm_up(SimpleNamespace(engine=engine))  # a backend that runs: nothing to say
 
 
 def test_command_line_needs_a_model_until_the_default_exists(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """ONNX export and the onnxruntime backend against PyTorch (CPU, fp32)."""
 
 import copy
+import json
 
 import onnx
 import pytest
@@ -154,6 +155,10 @@ def test_graphs_are_reused_only_for_the_weights_pool_and_dtype_they_were_made_fr
     assert graphs_mismatch(graphs.directory, pool, "float32", model_digest(other)) == "graphs of other weights"
     assert graphs_mismatch(graphs.directory, {**pool, "slots": 1}, "float32", digest).startswith("graphs for")
     assert graphs_mismatch(graphs.directory, pool, "bfloat16", digest).startswith("graphs for")
+    # graphs of the same weights, but traced from code that has changed since (FORMAT was not bumped)
+    (tmp_path / "manifest.json").write_text(json.dumps({**graphs.manifest, "code": "0" * 64}))
+    assert graphs_mismatch(tmp_path, pool, "float32", digest).startswith("graphs made by other code")
+    (tmp_path / "manifest.json").unlink()
     assert graphs_mismatch(tmp_path, pool, "float32", digest) == "no graphs"
     (tmp_path / "manifest.json").write_text('{"format": "reformer-onn')  # cut short
     assert graphs_mismatch(tmp_path, pool, "float32", digest).startswith("an unreadable manifest")
@@ -166,5 +171,8 @@ def test_a_graph_file_missing_or_cut_short_is_a_damaged_graph(exported, tmp_path
         create_session(tmp_path / "missing.onnx", "cpu")
     cut = tmp_path / "decode.onnx"
     cut.write_bytes((graphs.directory / "decode.onnx").read_bytes()[:3000])
+    with pytest.raises(DamagedGraph):
+        create_session(cut, "cpu")
+    cut.write_bytes(b"")  # opened for writing, nothing written yet (onnxruntime says "InvalidArgument")
     with pytest.raises(DamagedGraph):
         create_session(cut, "cpu")
