@@ -7,8 +7,11 @@ without a word). On a CPU the same binding code runs with the CPU provider.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +137,23 @@ def graphs_mismatch(directory: str | Path, pool: dict, dtype: str, digest: str) 
     if (written.get("pool"), written.get("format"), written.get("dtype")) != (pool, FORMAT, dtype):
         return f"graphs for {written.get('pool')} in {written.get('dtype')} ({written.get('format')})"
     return None
+
+
+@contextmanager
+def directory_lock(directory: str | Path) -> Iterator[None]:
+    """One process at a time checks, exports and loads a directory's graphs: servers that share a volume
+    (replicas) would otherwise delete each other's manifest and load graphs still being written. A directory
+    that cannot be written holds graphs nobody exports into: no lock is needed to read them."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle = open(directory / ".lock", "a")
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed, or the process dies
+        yield
 
 
 class ExportedModel:

@@ -124,7 +124,8 @@ class ReformerAPI(ls.LitAPI):
         from pathlib import Path
 
         from export.backend import OnnxDecoder, embed_steps
-        from export.runtime import FORMAT, DamagedGraph, ExportedModel, graphs_mismatch, model_digest
+        from export.runtime import (FORMAT, DamagedGraph, ExportedModel, directory_lock, graphs_mismatch,
+                                    model_digest)
 
         settings = self.settings
         pool = {"slots": slots, "max_length": max_length, "tail_capacity": settings.tail_capacity,
@@ -132,17 +133,18 @@ class ReformerAPI(ls.LitAPI):
         dtype = str(model.dtype).removeprefix("torch.")
         directory = Path(settings.onnx_dir or Path.home() / ".cache" / "reformer-server" / "onnx" /
                          f"{settings.model_name}-{slots}x{max_length}-{dtype}")
-        found = graphs_mismatch(directory, pool, dtype, model_digest(model))
-        exported = None
-        if found is None:
-            try:
+        with directory_lock(directory):  # another server may be exporting into it (a shared volume)
+            found = graphs_mismatch(directory, pool, dtype, model_digest(model))
+            exported = None
+            if found is None:
+                try:
+                    exported = ExportedModel(directory, device)
+                except DamagedGraph as error:  # a graph file deleted or cut short
+                    found = f"graphs that do not load ({error})"
+            if exported is None:
+                wanted = f"this server needs graphs of {settings.model_path} for {pool} in {dtype} ({FORMAT})"
+                self._export(model, directory, f"{directory} holds {found}; {wanted}", pool, device)
                 exported = ExportedModel(directory, device)
-            except DamagedGraph as error:  # a graph file deleted or cut short
-                found = f"graphs that do not load ({error})"
-        if exported is None:
-            wanted = f"this server needs graphs of {settings.model_path} for {pool} in {dtype} ({FORMAT})"
-            self._export(model, directory, f"{directory} holds {found}; {wanted}", pool, device)
-            exported = ExportedModel(directory, device)
         decoder = OnnxDecoder(model, exported, prefill_batch_tokens=settings.prefill_batch_tokens)
         return decoder, functools.partial(embed_steps, exported, model.config, torch.device(device))
 

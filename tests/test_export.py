@@ -2,6 +2,8 @@
 
 import copy
 import json
+import threading
+import time
 
 import onnx
 import pytest
@@ -9,7 +11,8 @@ import torch
 
 from export.backend import OnnxDecoder, embed_steps
 from export.exporter import export_model, prefill_regimes
-from export.runtime import DamagedGraph, ExportedModel, create_session, graphs_mismatch, model_digest
+from export.runtime import (DamagedGraph, ExportedModel, create_session, directory_lock, graphs_mismatch,
+                            model_digest)
 from model import SamplingParams, embed, generate
 from model.config import ReformerConfig
 from model.decode import Decoder
@@ -176,3 +179,25 @@ def test_a_graph_file_missing_or_cut_short_is_a_damaged_graph(exported, tmp_path
     cut.write_bytes(b"")  # opened for writing, nothing written yet (onnxruntime says "InvalidArgument")
     with pytest.raises(DamagedGraph):
         create_session(cut, "cpu")
+
+
+def test_one_server_at_a_time_checks_exports_and_loads_a_graph_directory(tmp_path):
+    """Replicas that share a volume take turns; a directory nobody can write needs no turn."""
+    held = threading.Event()
+
+    def first():
+        with directory_lock(tmp_path / "graphs"):
+            held.set()
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert held.wait(10)
+    asked = time.monotonic()
+    with directory_lock(tmp_path / "graphs"):
+        waited = time.monotonic() - asked
+    thread.join()
+    assert waited > 0.3
+    (tmp_path / "a-file").write_text("")  # a place no lock can be made in (root may write read-only folders)
+    with directory_lock(tmp_path / "a-file" / "graphs"):
+        pass
