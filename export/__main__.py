@@ -13,6 +13,7 @@ import torch
 from model.checkpoint import load_model
 
 from .exporter import export_model
+from .runtime import directory_lock
 
 
 def main() -> None:
@@ -30,9 +31,11 @@ def main() -> None:
     started = time.perf_counter()
     model = load_model(args.model).to(getattr(torch, args.dtype))
     max_length = min(args.max_length or model.config.max_length, model.config.max_length)
-    manifest = export_model(model, args.out, slots=args.slots, max_length=max_length,
-                            tail_capacity=args.tail_capacity, cache_blocks=args.cache_blocks, source=args.model,
-                            progress=lambda line: print(f"[{time.perf_counter() - started:6.1f} s] {line}", flush=True))
+    with directory_lock(args.out):  # not while a server reads or writes the same directory
+        manifest = export_model(model, args.out, slots=args.slots, max_length=max_length,
+                                tail_capacity=args.tail_capacity, cache_blocks=args.cache_blocks, source=args.model,
+                                progress=lambda line: print(f"[{time.perf_counter() - started:6.1f} s] {line}",
+                                                            flush=True))
     print(f"wrote {len(manifest['graphs'])} graphs and manifest.json to {args.out}")
 
 
