@@ -43,7 +43,7 @@ def build_server(settings: ServerSettings):
     info = ModelInfo(name=settings.model_name, max_context=settings.max_context(config), vocab_size=config.vocab_size,
                      eos_token_id=config.eos_token_id,
                      embedding_size=2 * config.hidden_size, causal=config.is_decoder, created=int(time.time()), cache=cache.describe(),
-                     sampling_defaults=sampling_defaults)
+                     sampling_defaults=sampling_defaults, default_max_tokens=settings.completion_default())
     shared = lifecycle.SharedState()
     spec = OpenAISpec(settings, info, shared)
     api = ReformerAPI(settings, spec, shared, cache)

@@ -57,7 +57,8 @@ def engine_requests(spec, body: SamplingFields, generation: Generation, *, logpr
     for i, prompt in enumerate(generation.prompts):
         if len(prompt.ids) > maximum:
             raise protocol.context_error(maximum, len(prompt.ids), max_tokens or 0)
-        tokens = maximum - len(prompt.ids) if max_tokens is None else max_tokens
+        room = maximum - len(prompt.ids)
+        tokens = min(room, spec.info.default_max_tokens or room) if max_tokens is None else max_tokens
         if tokens == 0 and max_tokens is None and not generation.echo:  # an implicit 0 would answer nothing
             raise APIError(400, f"This model's maximum context length is {maximum} tokens, and the prompt's "
                                 f"{len(prompt.ids)} tokens fill it: no room is left for the completion. Please reduce "

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.checkpoint import CheckpointError, read_config, read_generation_defaults
+from model.checkpoint import CheckpointError, read_config, read_default_max_tokens, read_generation_defaults
 from model.config import ReformerConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,6 +72,7 @@ class ServerSettings:
     tail_capacity: int = 64
     api_servers: int = 1
     cpu_threads: int | None = None  # the model's threads on CPU (default: `default_cpu_threads`)
+    default_max_tokens: int | None = None  # a request that names no limit (default: generation_config's)
     log_level: str = "info"
 
     @property
@@ -97,6 +98,16 @@ class ServerSettings:
         config does."""
         try:
             return read_generation_defaults(self.model_path)
+        except CheckpointError as error:
+            raise SystemExit(f"--model {self.model_path}: {error}") from None
+
+    def completion_default(self) -> int | None:
+        """Tokens a request that names no max_tokens may get (None: up to the context). Without a limit every
+        such request (chat, by default) borrows cache blocks for the whole context when it is admitted."""
+        if self.default_max_tokens is not None:
+            return self.default_max_tokens
+        try:
+            return read_default_max_tokens(self.model_path)
         except CheckpointError as error:
             raise SystemExit(f"--model {self.model_path}: {error}") from None
 
@@ -186,6 +197,9 @@ def parse_args(argv: list[str] | None = None) -> ServerSettings:
     parser.add_argument("--cpu-threads", type=int,
                         help="the model's threads when it runs on CPU (default: the cores this server may use, "
                              "less one per uvicorn process)")
+    parser.add_argument("--default-max-tokens", type=int,
+                        help="tokens a request that sets no max_tokens may get (default: max_new_tokens of the "
+                             "model's generation_config.json, else up to the context)")
     parser.add_argument("--log-level", default=defaults.log_level)
     _defaults_from_environment(parser)
     args = parser.parse_args(argv)
@@ -193,7 +207,7 @@ def parse_args(argv: list[str] | None = None) -> ServerSettings:
     settings.api_key = settings.api_key or None
     for name in ("max_running", "max_queued_requests", "max_queued_tokens", "prefill_batch_tokens", "port",
                  "api_servers", "max_model_len", "kv_cache_bytes", "max_header_bytes", "max_connections",
-                 "max_embedding_inputs", "cpu_threads"):
+                 "max_embedding_inputs", "cpu_threads", "default_max_tokens"):
         if getattr(settings, name) is not None and getattr(settings, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     from .protocol import MAX_EMBEDDING_CHUNKS

@@ -48,6 +48,7 @@ class ModelInfo:
     created: int
     cache: dict  # server.capacity.CachePlan.describe()
     sampling_defaults: dict  # the checkpoint's generation_config.json: what a request that does not say gets
+    default_max_tokens: int | None = None  # what a request without max_tokens may get (None: up to the context)
 
 
 @dataclass
@@ -261,7 +262,8 @@ class OpenAISpec(LitSpec):
         return JSONResponse({"model": self.info.name, "backend": settings.backend,
                              "device": settings.resolved_device(), "execution_provider": settings.execution_provider,
                              "max_context": self.info.max_context, "embedding_size": self.info.embedding_size,
-                             "cache": self.info.cache, "sampling_defaults": self.info.sampling_defaults})
+                             "cache": self.info.cache, "sampling_defaults": self.info.sampling_defaults,
+                             "default_max_tokens": self.info.default_max_tokens})
 
     async def metrics_route(self, request: Request) -> Response:
         from .metrics import exposition

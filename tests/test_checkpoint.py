@@ -92,7 +92,7 @@ def test_mismatched_weights_are_reported(tmp_path):
 
 
 def test_generation_defaults_are_read_checked_and_filled_only_where_a_request_is_silent(tmp_path):
-    from model.checkpoint import read_generation_defaults
+    from model.checkpoint import read_default_max_tokens, read_generation_defaults
     from server.protocol import CompletionRequest
 
     assert read_generation_defaults(tmp_path) == {} and read_generation_defaults(None) == {}
@@ -108,10 +108,15 @@ def test_generation_defaults_are_read_checked_and_filled_only_where_a_request_is
     assert (explicit.temperature, explicit.top_p, explicit.repetition_penalty) == (1.0, 0.9, 1.0)
     assert CompletionRequest(prompt="x").sampling_params(8, None, 258).temperature == 1.0  # no defaults: OpenAI's
 
+    assert read_default_max_tokens(tmp_path) == 99 and read_default_max_tokens(None) is None
     for bad in ({"temperature": -1}, {"top_p": "high"}, {"repetition_penalty": True}):
         (tmp_path / "generation_config.json").write_text(json.dumps(bad))
         with pytest.raises(CheckpointError, match="generation_config.json"):
             read_generation_defaults(tmp_path)
+    for bad in (0, 2.5, "many", True):
+        (tmp_path / "generation_config.json").write_text(json.dumps({"max_new_tokens": bad}))
+        with pytest.raises(CheckpointError, match="max_new_tokens"):
+            read_default_max_tokens(tmp_path)
 
 
 def test_a_bad_generation_config_stops_start_up_in_one_line(tmp_path):

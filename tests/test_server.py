@@ -533,3 +533,29 @@ def test_graphs_from_python_m_export_are_the_ones_a_server_with_that_pool_uses(o
     digest = model_digest(load_model(checkpoint))
     assert graphs_mismatch(onnx_server.graphs, served["pool"], "float32", digest) is None
     assert graphs_mismatch(tmp_path, served["pool"], "float32", digest) is None
+
+
+def test_requests_without_a_limit_get_the_models_default_completion_length(tmp_path):
+    """generation_config.json's max_new_tokens (as vLLM reads it), or --default-max-tokens, caps what a request
+    that names no limit gets: a chat client that never sets max_tokens otherwise borrowed cache blocks for
+    the whole context with every request."""
+    from server.settings import parse_args
+
+    model = tiny_checkpoint(tmp_path / "capped")
+    (model / "generation_config.json").write_text(json.dumps({"max_new_tokens": 7}))
+    (model / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}\n{% endfor %}")
+    assert parse_args(["--model", str(model)]).completion_default() == 7
+    assert parse_args(["--model", str(model), "--default-max-tokens", "3"]).completion_default() == 3
+    running = RunningServer(model)
+    try:
+        with running.client() as client:
+            assert client.get("/info").json()["default_max_tokens"] == 7
+            chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                             "temperature": 0}).json()
+            unbounded = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": None}).json()
+            asked = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 12}).json()
+        assert chat["usage"]["completion_tokens"] == 7 and chat["choices"][0]["finish_reason"] == "length"
+        assert unbounded["usage"]["completion_tokens"] == 7
+        assert asked["usage"]["completion_tokens"] == 12  # a limit the request names is its own
+    finally:
+        running.stop()
