@@ -152,6 +152,7 @@ class Generation:
         if choice.last_token_at is not None:  # not across choices: their tokens come in the same message
             metrics.itl.observe(now - choice.last_token_at)
         choice.last_token_at = now
+        metrics.generation_tokens.inc()  # as they come: a long stream's tokens show in the rate while it runs
         choice.text += output.text
         choice.token_ids.append(output.token)
         choice.cumulative_logprob += output.logprob
@@ -178,7 +179,6 @@ class Generation:
         self.outcome = outcome
         metrics = self.spec.metrics
         metrics.prompt_tokens.inc(sum(len(p.ids) for p in self.prompts))
-        metrics.generation_tokens.inc(self.completion_tokens)
         if isinstance(outcome, Finished):
             metrics.finished.labels(finished_reason=outcome.reason.value).inc()
             metrics.e2e.observe(time.monotonic() - self.arrival)

@@ -89,3 +89,14 @@ def test_inter_token_latency_is_measured_per_choice():
     gaps = [call.args[0] for call in spec.metrics.itl.observe.call_args_list]
     assert len(gaps) == 4 and all(gap >= 0.04 for gap in gaps), gaps  # two later steps of two choices
     assert spec.metrics.ttft.observe.call_count == 1
+
+
+def test_generated_tokens_are_counted_as_they_come_not_when_the_request_ends():
+    spec = SimpleNamespace(tokenizer=ByteTokenizer(), metrics=MagicMock(), info=SimpleNamespace(name="m"))
+    answer = Generation(spec, "cmpl-1", [Prompt([5, 6], "ab")], n=1, keep=1, shape=TextShape(), echo=False,
+                        logprobs=False, arrival=time.monotonic())
+    for _ in range(3):
+        answer._on_token(Token(answer.part(0), 70, "x", -0.1, []))
+    assert spec.metrics.generation_tokens.inc.call_count == 3  # a long stream shows in the rate while it runs
+    answer._end(Finished(answer.part(0), FinishReason.LENGTH, 2, 3))
+    assert sum(call.args[0] if call.args else 1 for call in spec.metrics.generation_tokens.inc.call_args_list) == 3
