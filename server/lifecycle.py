@@ -30,6 +30,10 @@ log = logging.getLogger("server")
 SERVING, DRAINING, STOPPING = 0, 1, 2
 HEARTBEAT_SECONDS = 0.2
 ENGINE_DEAD_AFTER = 1.5  # seconds without a heartbeat; far above the beat, far below a client's patience
+# Seconds one pass of the engine loop may take before the engine counts as hung (a CUDA op that never
+# returns): the heartbeat comes from a thread of its own and would go on. Far above any one iteration (a
+# prefill layer, a decode step), so only a hang reaches it.
+ENGINE_STUCK_AFTER = 300.0
 STOP_GRACE = 2.0  # seconds between STOPPING (errors sent) and the processes being told to exit
 UVICORN_GRACE = 2  # seconds uvicorn waits for connections when it exits (LitServe's default is 30)
 WORKER_JOIN = 5  # LitServe waits this long for the worker after its SIGTERM (ours exits at once)
@@ -49,6 +53,7 @@ class SharedState:
         self._inflight = ctx.Value("i", 0)
         self._heartbeat = ctx.RawValue("d", 0.0)  # time.monotonic() is one clock for all processes (Linux)
         self._engine_pid = ctx.RawValue("i", 0)
+        self._loop_beat = ctx.RawValue("d", 0.0)  # the engine loop's last pass; 0 until it first runs
 
     # phase
     @property
@@ -82,7 +87,14 @@ class SharedState:
         return self._engine_pid.value
 
     def engine_alive(self) -> bool:
-        return self._engine_pid.value != 0 and time.monotonic() - self._heartbeat.value < ENGINE_DEAD_AFTER
+        now = time.monotonic()
+        loop = self._loop_beat.value
+        return (self._engine_pid.value != 0 and now - self._heartbeat.value < ENGINE_DEAD_AFTER
+                and (loop == 0.0 or now - loop < ENGINE_STUCK_AFTER))
+
+    def loop_beat(self) -> None:
+        """In the engine worker, at each pass of its loop."""
+        self._loop_beat.value = time.monotonic()
 
     def start_heartbeat(self) -> None:
         """In the engine worker, first thing: say who the engine is now, and keep saying it is alive."""
@@ -90,6 +102,7 @@ class SharedState:
         if previous and previous != os.getpid():
             _forget_metrics_of(previous)
         self._heartbeat.value = time.monotonic()
+        self._loop_beat.value = 0.0  # a new worker loads (minutes, with an export) before its loop runs
         self._engine_pid.value = os.getpid()
 
         def beat():

@@ -61,6 +61,7 @@ class EngineLoop(ContinuousBatchingLoop):
 
     async def run(self, lit_api, device, worker_id, request_queue, transport, workers_setup_status, callback_runner):
         engine = lit_api.engine
+        lit_api.shared.loop_beat()
         wake = self._event()
         if not engine.has_work():
             wake.clear()

@@ -15,7 +15,8 @@ import httpx
 import openai
 import pytest
 
-from server.lifecycle import SHUTDOWN_OVERHEAD, STOP_GRACE, UVICORN_GRACE, WORKER_JOIN
+from server.lifecycle import (ENGINE_STUCK_AFTER, SHUTDOWN_OVERHEAD, STOP_GRACE, UVICORN_GRACE, WORKER_JOIN,
+                              SharedState)
 from tests.server_harness import (API_KEY, RunningServer, engine_pid, http_pids, server_processes,
                                   tiny_checkpoint)
 
@@ -234,6 +235,19 @@ def test_a_signal_while_the_model_loads_stops_the_server_at_once(checkpoint):
     assert "stopped before the model was loaded" in running.log_text()  # LitServe alone waited for the load
     assert wait_until(lambda: not server_processes(running), 10), server_processes(running)
     running.stop()
+
+
+def test_an_engine_loop_that_hangs_counts_as_a_dead_engine():
+    """The heartbeat thread beats on while the loop's thread is stuck (a CUDA op that never returns)."""
+    shared = SharedState()
+    shared.start_heartbeat()
+    assert shared.engine_alive()  # loading: the loop has not run yet
+    shared.loop_beat()
+    assert shared.engine_alive()
+    shared._loop_beat.value = time.monotonic() - ENGINE_STUCK_AFTER - 1
+    assert not shared.engine_alive()
+    shared.start_heartbeat()  # a new worker: its loop has not run yet
+    assert shared.engine_alive()
 
 
 # ---- signals and the drain -------------------------------------------------------------------------------------
