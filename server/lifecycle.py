@@ -37,7 +37,8 @@ ENGINE_STUCK_AFTER = 300.0
 STOP_GRACE = 2.0  # seconds between STOPPING (errors sent) and the processes being told to exit
 UVICORN_GRACE = 2  # seconds uvicorn waits for connections when it exits (LitServe's default is 30)
 WORKER_JOIN = 5  # LitServe waits this long for the worker after its SIGTERM (ours exits at once)
-# Signal to exit is at most --drain-timeout plus this; a platform's grace period must cover both.
+# Signal to exit is at most --drain-timeout plus this; a platform's grace period must cover both. LitServe
+# stops its HTTP processes one after another: each --api-servers process past the first adds UVICORN_GRACE.
 SHUTDOWN_OVERHEAD = STOP_GRACE + UVICORN_GRACE + WORKER_JOIN + 1
 SAME_SIGNAL_WITHIN = 1.0  # seconds: a wrapper (timeout, tini -g) forwards the group's signal a second time
 MAX_ENGINE_RESTARTS = 3  # within RESTART_WINDOW; one more and the server exits 1
