@@ -107,8 +107,14 @@ def _budget(settings: ServerSettings, config: ReformerConfig, device: str, dtype
     if device.startswith("cuda"):
         free = free_gpu_bytes if free_gpu_bytes is not None else _free_gpu_bytes(device)
         weights = _parameter_count(config) * torch.empty((), dtype=dtype).element_size()
-        return max(0, free - weights) // 2, "half the GPU memory free beside the weights"
+        half = max(0, free - weights) // 2
+        # In whole quarter-GiB steps: the free memory differs by some MiB from start to start, and a pool of
+        # other blocks needs other ONNX graphs (minutes of exporting, and replicas would disagree).
+        return (half - half % STEP if half >= STEP else half), "half the GPU memory free beside the weights"
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4, "a quarter of this machine's memory"
+
+
+STEP = GIB // 4
 
 
 def _free_gpu_bytes(device: str) -> int:

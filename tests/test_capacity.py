@@ -67,7 +67,11 @@ def test_the_gpu_budget_leaves_room_for_the_weights(monkeypatch):
     settings = ServerSettings(device="cuda")
     plan = plan_cache(settings, ENWIK8, free_gpu_bytes=40 * GIB)
     weights = 149_182_722 * 2  # fp16
-    assert plan.budget_bytes == (40 * GIB - weights) // 2 and plan.dtype == "float16"
+    half = (40 * GIB - weights) // 2
+    assert half - GIB // 4 < plan.budget_bytes <= half and plan.dtype == "float16"
+    # a few MiB more or less free at the next start plan the same pool (the same ONNX graphs)
+    for free in (40 * GIB - (3 << 20), 40 * GIB + (5 << 20)):
+        assert plan_cache(settings, ENWIK8, free_gpu_bytes=free) == plan
 
 
 def test_start_up_fails_in_one_line_when_no_request_fits():
