@@ -227,24 +227,33 @@ class Supervisor:
             if value == WorkerSetupStatus.STARTING:
                 status[key] = WorkerSetupStatus.ERROR
 
-    def _watch_startup(self) -> None:
+    def _watch_startup(self) -> bool:
+        """Whether start-up is over for this watch: a worker died loading (its status is made an error, so
+        LitServe's wait ends). A worker that reported its own error is LitServe's to end."""
         from litserve.utils import WorkerSetupStatus
 
-        if any(value == WorkerSetupStatus.READY for value in self._startup_status().values()):
+        status = list(self._startup_status().values())
+        if any(value == WorkerSetupStatus.READY for value in status):
             self._ready = True
-            return
+            return False
         dead = [worker for worker in self._workers() if worker.exitcode is not None]
-        if dead:
+        if dead and WorkerSetupStatus.STARTING in status:
             log.error("the engine worker died while loading the model (exit code %s)", dead[0].exitcode)
             self._fail_startup()
+            return True
+        return False
 
     def _watch(self) -> None:
-        while not self.shared.stopping:
-            if not self._ready:
-                self._watch_startup()
-            elif self._watch_engine() or self._watch_http():
-                return
-            time.sleep(0.2)
+        try:
+            while not self.shared.stopping:
+                if not self._ready:
+                    if self._watch_startup():
+                        return
+                elif self._watch_engine() or self._watch_http():
+                    return
+                time.sleep(0.2)
+        except (OSError, EOFError):  # LitServe's manager is gone: the server is ending anyway
+            return
 
     def _watch_http(self) -> bool:
         for process in (getattr(self.server, "http_processes", None) or {}).values():
