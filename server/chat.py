@@ -72,9 +72,7 @@ class ChatRoute(GenerationRoute):
             raise protocol.unsupported("audio" if body.audio is not None else "modalities", "only text is produced")
         if body.web_search_options is not None:
             raise protocol.unsupported("web_search_options", "this server does not search the web")
-        for index, message in enumerate(body.messages):
-            message.check(index)
-        text = self._render(body)
+        text = self.render(body)
         ids = spec.encode_prompt(text, "messages", truncating=body.truncate_prompt_tokens is not None)
         if body.truncate_prompt_tokens is not None:
             ids = ids[-body.truncate_prompt_tokens:]
@@ -92,7 +90,10 @@ class ChatRoute(GenerationRoute):
         messages = engine_requests(spec, body, generation, logprobs=logprobs, prompt_logprobs=False, timeout=timeout)
         return generation, messages
 
-    def _render(self, body: ChatCompletionRequest) -> str:
+    def render(self, body: ChatCompletionRequest) -> str:
+        """The prompt text of a chat's messages (checked first: roles, content of text only)."""
+        for index, message in enumerate(body.messages):
+            message.check(index)
         messages = [{**message.model_dump(exclude_none=True), "content": message.text()}
                     for message in body.messages]
         variables = {"bos_token": "", "eos_token": "", **(body.chat_template_kwargs or {}), "messages": messages,

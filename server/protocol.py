@@ -288,8 +288,22 @@ class EmbeddingRequest(_Strict):
 
 
 class TokenizeRequest(_Strict):
+    """vLLM's two forms: a prompt, or the messages of a chat as the chat template renders them."""
     model: StrictStr | None = None
-    prompt: StrictStr
+    prompt: StrictStr | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
+    add_generation_prompt: StrictBool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_special_tokens: StrictBool = True  # accepted: this server's tokenizers add no special tokens to text
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError(400, "Send either 'prompt' or 'messages'.", param="prompt",
+                           code="missing_required_parameter" if self.prompt is None else "invalid_value")
+
+    def chat(self) -> ChatCompletionRequest:
+        return ChatCompletionRequest(messages=self.messages, add_generation_prompt=self.add_generation_prompt,
+                                     chat_template_kwargs=self.chat_template_kwargs)
 
 
 class DetokenizeRequest(_Strict):

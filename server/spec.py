@@ -76,10 +76,11 @@ class OpenAISpec(LitSpec):
         self.shared = shared
         self.api_path = "/v1/completions"  # the name of LitServe's request queue for this API
         self._process_state = {}
+        self.chat = ChatRoute(self)  # its template also renders /tokenize's messages
         READ = ["GET", "HEAD"]  # HTTP: what answers GET answers HEAD (load balancers' probes send it)
         for path, handler, methods in [
             ("/v1/completions", CountedRoute(CompletionsRoute(self).handle, shared), ["POST"]),
-            ("/v1/chat/completions", CountedRoute(ChatRoute(self).handle, shared), ["POST"]),
+            ("/v1/chat/completions", CountedRoute(self.chat.handle, shared), ["POST"]),
             ("/v1/embeddings", CountedRoute(EmbeddingsRoute(self).handle, shared), ["POST"]),
             ("/v1/models", self.models, READ), ("/v1/models/{model_id:path}", self.model, READ),
             ("/tokenize", self.tokenize, ["POST"]),
@@ -290,9 +291,11 @@ class OpenAISpec(LitSpec):
     async def tokenize(self, request: Request) -> Response:
         try:
             body = await self.parse_body(request, TokenizeRequest)
+            body.check()
+            text = body.prompt if body.messages is None else self.chat.render(body.chat())
         except APIError as error:
             return self.refuse(error)
-        tokens = await asyncio.to_thread(self.tokenizer.encode, body.prompt)  # long texts: off the event loop
+        tokens = await asyncio.to_thread(self.tokenizer.encode, text)  # long texts: off the event loop
         return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": self.info.max_context})
 
     async def detokenize(self, request: Request) -> Response:

@@ -286,6 +286,21 @@ def test_chat_refuses_by_name_what_it_cannot_read_or_do(server):
     assert cached.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
 
 
+def test_tokenize_counts_a_chat_as_the_template_renders_it(server):
+    """vLLM's /tokenize takes messages too: how a client learns what a conversation costs before sending it."""
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    with server.client() as client:
+        chat = client.post("/tokenize", json={"messages": messages}).json()
+        text = client.post("/tokenize", json={"prompt": "<system>be brief\n<user>hello\n<assistant>",
+                                              "add_special_tokens": True}).json()
+        neither = client.post("/tokenize", json={"model": "tiny"})
+        both = client.post("/tokenize", json={"prompt": "x", "messages": messages})
+        bad_role = client.post("/tokenize", json={"messages": [{"role": "bogus", "content": "x"}]})
+    assert chat["tokens"] == text["tokens"] and chat["count"] == len(text["tokens"])
+    assert neither.status_code == both.status_code == 400 and neither.json()["error"]["param"] == "prompt"
+    assert bad_role.status_code == 400 and bad_role.json()["error"]["param"] == "messages[0].role"
+
+
 def test_a_prompt_that_fills_the_context_without_max_tokens_is_refused_unless_it_is_scored(server):
     """With max_tokens null (or unsaid, in chat) the completion gets what the context leaves: none is a 400 (as
     vLLM answers), not a 200 with nothing generated; with echo and logprobs it is a scoring request, answered."""
