@@ -123,6 +123,7 @@ class SamplingFields(_Strict):
     min_tokens: Annotated[StrictInt, Field(ge=0)] = 0  # vLLM
     include_stop_str_in_output: StrictBool = False  # vLLM
     skip_special_tokens: StrictBool = True  # vLLM
+    add_special_tokens: StrictBool = True  # vLLM; either way the same here: our tokenizers add none to text
     truncate_prompt_tokens: Annotated[StrictInt, Field(ge=1)] | None = None  # vLLM: keep the prompt's last k tokens
     presence_penalty: Annotated[Number, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)] = 0.0
     frequency_penalty: Annotated[Number, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)] = 0.0

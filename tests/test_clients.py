@@ -263,7 +263,7 @@ def test_chat_refuses_by_name_what_it_cannot_read_or_do(server):
     roleless = chat([{"role": "user", "content": "hi"}, {"content": "x"}])
     assert roleless.status_code == 400 and roleless.json()["error"]["param"] == "messages[1].role"
     hints = chat([{"role": "user", "content": "hi"}], service_tier="fast", prompt_cache_retention="24h",
-                 prompt_cache_options={"ttl": "1h"})
+                 prompt_cache_options={"ttl": "1h"}, add_special_tokens=False)
     assert hints.status_code == 200, hints.text
     plain = chat([{"role": "developer", "content": "hi"}])
     cached = chat([{"role": "developer", "content": [{"type": "text", "text": "hi",
