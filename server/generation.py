@@ -115,6 +115,7 @@ class Generation:
                                       skip_special=skip_special_tokens)
                 self.choices[(self.part(i), j)] = ChoiceState(i * keep + j, prompt, offsets)
         self.first_token_at: float | None = None
+        self.prefilled: set[str] = set()  # parts whose prompt the engine has read (counted as prompt tokens)
         self.outcome: Finished | Failed | None = None
 
     def part(self, i: int) -> str:
@@ -128,6 +129,7 @@ class Generation:
     def _on_prompt(self, output: PromptLogprobs) -> None:
         """The prompt's logprob entries, made once and shared by its n choices (they only read them)."""
         prompt = self.prompts[self.parts.index(output.uid)]
+        self.prefilled.add(output.uid)
         offsets = TextOffsets(self.spec.tokenizer)
         entries = [self._entry(token, logprob, top, offsets.advance(token))
                    for token, logprob, top in zip(prompt.ids, output.token_logprobs, output.top_logprobs)]
@@ -146,6 +148,7 @@ class Generation:
         now = time.monotonic()
         metrics = self.spec.metrics
         choice = self.choices[(output.uid, output.index)]
+        self.prefilled.add(output.uid)
         if self.first_token_at is None:
             metrics.ttft.observe(now - self.arrival)
             self.first_token_at = now
@@ -165,6 +168,8 @@ class Generation:
 
     def _on_finished(self, output: Finished) -> list[ChoiceState]:
         """Choices that ended without a last token (max_tokens 0): their reason comes with the request's."""
+        if output.reason is not FinishReason.ABORT:
+            self.prefilled.add(output.uid)
         ended = []
         for (uid, _), choice in self.choices.items():
             if uid == output.uid and choice.finish_reason is None and output.reason is not FinishReason.ABORT:
@@ -178,7 +183,9 @@ class Generation:
             return
         self.outcome = outcome
         metrics = self.spec.metrics
-        metrics.prompt_tokens.inc(sum(len(p.ids) for p in self.prompts))
+        # as vLLM counts them: prompts the engine read, not those that timed out or were cancelled in the queue
+        read = [prompt for i, prompt in enumerate(self.prompts) if self.part(i) in self.prefilled]
+        metrics.prompt_tokens.inc(sum(len(prompt.ids) for prompt in read))
         if isinstance(outcome, Finished):
             metrics.finished.labels(finished_reason=outcome.reason.value).inc()
             metrics.e2e.observe(time.monotonic() - self.arrival)

@@ -12,7 +12,7 @@ import pytest
 
 import server.generation as generation
 from model import ByteTokenizer
-from model.messages import Finished, FinishReason, Progress, Token
+from model.messages import ErrorCode, Failed, Finished, FinishReason, Progress, Token
 from server.engine_client import RequestStream
 from server.generation import Generation, Prompt, TextShape
 from server.protocol import StreamOptions
@@ -100,3 +100,13 @@ def test_generated_tokens_are_counted_as_they_come_not_when_the_request_ends():
     assert spec.metrics.generation_tokens.inc.call_count == 3  # a long stream shows in the rate while it runs
     answer._end(Finished(answer.part(0), FinishReason.LENGTH, 2, 3))
     assert sum(call.args[0] if call.args else 1 for call in spec.metrics.generation_tokens.inc.call_args_list) == 3
+
+
+def test_prompt_tokens_count_the_prompts_the_engine_read():
+    """Not those of a request that timed out or was cancelled while it waited in the queue (vLLM's count)."""
+    spec = SimpleNamespace(tokenizer=ByteTokenizer(), metrics=MagicMock(), info=SimpleNamespace(name="m"))
+    answer = Generation(spec, "cmpl-1", [Prompt([5, 6], "ab"), Prompt([7, 8, 9], "cde")], n=1, keep=1,
+                        shape=TextShape(), echo=False, logprobs=False, arrival=time.monotonic())
+    answer._on_token(Token(answer.part(0), 70, "x", -0.1, []))  # the first prompt was read, the second waited
+    answer._end(Failed(answer.part(1), 504, "The request deadline passed.", ErrorCode.TIMEOUT))
+    spec.metrics.prompt_tokens.inc.assert_called_once_with(2)
