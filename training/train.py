@@ -123,7 +123,8 @@ PRESETS = {
 # v4 continued v3's checkpoint with `--resume --minutes 280`: the schedule then follows the clock from v3's 152
 # recorded minutes, so the rate restarted at about half the peak and fell to a tenth of it by minute 280; v5
 # continued v4's the same way with `--minutes 385`, restarting at a quarter of the peak; v6 continued v5's with
-# `--minutes 490`, restarting at a fifth.)
+# `--minutes 490`, restarting at a fifth; v7 continued the served v6 with `--from model/default --minutes 605`,
+# its run directory having been lost, with a fresh optimizer warmed up again to about a sixth of the peak.)
 PRESETS["cpu"] = (PRESETS["cpu-sp"][0], dataclasses.replace(PRESETS["cpu-sp"][1], minutes=55.0, steps=1_000_000,
                                                             warmup=20, eval_every=100))
 PRESETS["cpu-long"] = (PRESETS["cpu-sp"][0], dataclasses.replace(PRESETS["cpu-sp"][1], steps=1300, warmup=40,
