@@ -74,7 +74,8 @@ def export_model(model: ReformerLM, out: str | Path, *, slots: int, max_length: 
     if cache_blocks is None:  # written as a number, as the server's plan writes it, so the two can match
         cache_blocks = slots * blocks_for(max_length, block_size) if "lsh" in config.attn_layers else 0
     manifest = {"format": FORMAT, "opset": OPSET, "dtype": str(model.dtype).removeprefix("torch."),
-                "model": model_digest(model), "code": code_digest(), "config": config.to_dict(), "graphs": {}, "torch": torch.__version__,
+                "model": model_digest(model), "code": code_digest(), "config": config.to_dict(), "graphs": {},
+                "torch": torch.__version__,
                 "pool": {"slots": slots, "max_length": max_length, "tail_capacity": tail_capacity,
                          "cache_blocks": cache_blocks, "block_size": block_size}}
     if source is not None and (Path(source) / WEIGHTS).exists():

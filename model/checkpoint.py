@@ -109,13 +109,19 @@ GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_pen
                        "frequency_penalty")
 
 
+def _generation_config(directory: str | Path | None) -> tuple[Path | None, dict]:
+    """A checkpoint's `generation_config.json` and what it holds ({} when there is none)."""
+    path = Path(directory) / "generation_config.json" if directory is not None else None
+    if path is None or not path.exists():
+        return path, {}
+    return path, json.loads(path.read_text())
+
+
 def read_default_max_tokens(directory: str | Path | None) -> int | None:
     """`max_new_tokens` of `generation_config.json`: how many tokens a request that names no limit may get
     (vLLM reads it the same way), or None (up to the context)."""
-    path = Path(directory) / "generation_config.json" if directory is not None else None
-    if path is None or not path.exists():
-        return None
-    value = json.loads(path.read_text()).get("max_new_tokens")
+    path, document = _generation_config(directory)
+    value = document.get("max_new_tokens")
     if value is not None and (type(value) is not int or value < 1):
         raise CheckpointError(f"{path}: max_new_tokens must be a whole number of at least 1, not {value!r}")
     return value
@@ -123,10 +129,7 @@ def read_default_max_tokens(directory: str | Path | None) -> int | None:
 
 def read_generation_defaults(directory: str | Path | None) -> dict[str, float]:
     """The sampling defaults a checkpoint ships in `generation_config.json` (other keys there are ignored)."""
-    path = Path(directory) / "generation_config.json" if directory is not None else None
-    if path is None or not path.exists():
-        return {}
-    document = json.loads(path.read_text())
+    path, document = _generation_config(directory)
     defaults = {key: document[key] for key in GENERATION_DEFAULTS if key in document}
     try:  # the same checks a request's values get (top_k -1 means off there too), so a default is never refused
         SamplingParams(**dict(defaults, top_k=0 if defaults.get("top_k") == -1 else defaults.get("top_k", 0)))

@@ -218,8 +218,9 @@ class ChatMessage(BaseModel):
         if self.role not in CHAT_ROLES:
             raise APIError(400, f"messages[{index}].role is '{self.role}'; it must be one of "
                                 f"{', '.join(CHAT_ROLES)}.", param=f"messages[{index}].role", code="invalid_value")
-        calls = {key: value for key, value in (self.model_extra or {}).items() if key in ("tool_calls", "function_call")}
-        if self.content is None and not (self.role == "assistant" and any(calls.values())):
+        extra = self.model_extra or {}
+        calls = extra.get("tool_calls") or extra.get("function_call")
+        if self.content is None and not (self.role == "assistant" and calls):
             # OpenAI's rule: only an assistant message that calls tools (or a function, the older form) may
             # leave its content out
             raise APIError(400, f"Missing required parameter: 'messages[{index}].content'.",

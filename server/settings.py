@@ -96,18 +96,18 @@ class ServerSettings:
     def sampling_defaults(self) -> dict[str, float]:
         """The checkpoint's generation_config.json defaults; a bad file stops start-up with one line, as a bad
         config does."""
-        try:
-            return read_generation_defaults(self.model_path)
-        except CheckpointError as error:
-            raise SystemExit(f"--model {self.model_path}: {error}") from None
+        return self._from_generation_config(read_generation_defaults)
 
     def completion_default(self) -> int | None:
         """Tokens a request that names no max_tokens may get (None: up to the context). Without a limit every
         such request (chat, by default) borrows cache blocks for the whole context when it is admitted."""
         if self.default_max_tokens is not None:
             return self.default_max_tokens
+        return self._from_generation_config(read_default_max_tokens)
+
+    def _from_generation_config(self, read):
         try:
-            return read_default_max_tokens(self.model_path)
+            return read(self.model_path)
         except CheckpointError as error:
             raise SystemExit(f"--model {self.model_path}: {error}") from None
 
